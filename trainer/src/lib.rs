@@ -1,0 +1,3 @@
+//! The trainer library: everything `trainer` does, importable by its tests.
+
+pub mod effnet;

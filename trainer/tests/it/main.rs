@@ -1,0 +1,1 @@
+//! The trainer crate's single integration-test binary; each module covers one area.
