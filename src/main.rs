@@ -1,1 +1,187 @@
-fn main() {}
+//! `attrd`: the edge daemon and its command-line tools.
+
+use anyhow::{Context, Result, bail};
+use attrd::bundle::{Bundle, SignatureStatus, TrustedKeys};
+use attrd::engine::{Engine, EngineConfig, Provider};
+use attrd::preprocess::{Limits, Preprocessor};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "attrd", version, about = "Product-image attribute extraction at the edge")]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `attrd=debug`.
+    #[arg(long, global = true, env = "ATTRD_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a bundle on image files and print one JSON object per image.
+    Infer(InferArgs),
+    /// Inspect and check model bundles.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(clap::Args)]
+struct InferArgs {
+    /// Bundle directory.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Execution providers to try, in order (comma-separated: cuda, tensorrt, cpu).
+    #[arg(long, value_delimiter = ',', default_value = "cuda,tensorrt,cpu")]
+    providers: Vec<Provider>,
+    /// Public keys (PEM) trusted to sign bundles; the signature is checked when at least one is given.
+    #[arg(long = "trusted-key")]
+    trusted_keys: Vec<PathBuf>,
+    /// Images per inference batch.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    batch: u16,
+    /// ONNX Runtime intra-op threads (0 = ORT's default).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Image files (JPEG, PNG, WebP).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Open a bundle, check its files against the manifest's hashes and its signature against trusted keys.
+    Verify {
+        /// Bundle directory.
+        bundle: PathBuf,
+        /// Public keys (PEM) trusted to sign bundles.
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<PathBuf>,
+        /// Accept a bundle without checking its signature (development only).
+        #[arg(long)]
+        allow_unsigned: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("attrd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Infer(args) => infer(args),
+        Command::Model(ModelCommand::Verify { bundle, trusted_keys, allow_unsigned }) => {
+            let b = open_bundle(&bundle, &trusted_keys, allow_unsigned)?;
+            let m = b.manifest();
+            println!(
+                "{}: ok ({} {}, {} heads, onnx sha256 {})",
+                b.label(),
+                m.architecture,
+                m.precision.as_str(),
+                m.heads.len(),
+                b.onnx_sha256()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn open_bundle(dir: &Path, trusted_keys: &[PathBuf], allow_unsigned: bool) -> Result<Bundle> {
+    let bundle = Bundle::open(dir).with_context(|| format!("opening bundle {}", dir.display()))?;
+    if trusted_keys.is_empty() {
+        if !allow_unsigned {
+            bail!("no --trusted-key given: pass the public key(s) the bundle must be signed with, or --allow-unsigned");
+        }
+        tracing::warn!(bundle = %bundle.label(), "signature not checked");
+        return Ok(bundle);
+    }
+    let keys = TrustedKeys::from_files(trusted_keys).context("loading trusted keys")?;
+    match bundle.verify(&keys).with_context(|| format!("verifying {}", bundle.label()))? {
+        SignatureStatus::Verified { key_id } => tracing::info!(bundle = %bundle.label(), %key_id, "signature verified"),
+        SignatureStatus::NotChecked => {}
+    }
+    Ok(bundle)
+}
+
+#[derive(Serialize)]
+struct InferLine<'a> {
+    image: String,
+    sha256: String,
+    model: ModelInfo<'a>,
+    attributes: &'a attrd::engine::Attributes,
+}
+
+#[derive(Serialize, Clone)]
+struct ModelInfo<'a> {
+    name: &'a str,
+    version: String,
+    sha256: &'a str,
+    precision: &'a str,
+    execution_provider: &'a str,
+}
+
+fn infer(args: InferArgs) -> Result<ExitCode> {
+    let bundle = open_bundle(&args.bundle, &args.trusted_keys, args.trusted_keys.is_empty())?;
+    let cfg = EngineConfig { providers: args.providers.clone(), intra_threads: args.threads, ..EngineConfig::default() };
+    let engine = Engine::load(&bundle, &cfg).with_context(|| format!("loading {}", bundle.label()))?;
+    for f in &engine.providers().fallbacks {
+        eprintln!("attrd: note: execution provider {} unavailable, fell back: {}", f.provider, f.reason);
+    }
+    let pre = Preprocessor::new(bundle.manifest().input.clone(), Limits::default())
+        .context("the bundle's input spec is invalid")?;
+    let m = engine.manifest();
+    let model = ModelInfo {
+        name: &m.name,
+        version: m.version.to_string(),
+        sha256: engine.model_sha256(),
+        precision: m.precision.as_str(),
+        execution_provider: engine.providers().active.as_str(),
+    };
+    let mut failures = 0usize;
+    let stdout = std::io::stdout();
+    for chunk in args.images.chunks(args.batch as usize) {
+        let mut ok = Vec::with_capacity(chunk.len());
+        for path in chunk {
+            match std::fs::read(path)
+                .with_context(|| format!("reading {}", path.display()))
+                .and_then(|bytes| Ok((pre.prepare(&bytes)?, attrd::bundle::sha256_bytes(&bytes))))
+            {
+                Ok((tensor, sha)) => ok.push((path, tensor, sha)),
+                Err(e) => {
+                    failures += 1;
+                    eprintln!("attrd: {}: {e:#}", path.display());
+                }
+            }
+        }
+        if ok.is_empty() {
+            continue;
+        }
+        let tensors: Vec<Vec<f32>> = ok.iter().map(|(_, t, _)| t.clone()).collect();
+        let out = engine.infer_blocking(pre.batch(&tensors)).context("running the model")?;
+        let attrs = out.attributes(m);
+        let mut w = stdout.lock();
+        for ((path, _, sha), a) in ok.iter().zip(&attrs) {
+            let line = InferLine { image: path.display().to_string(), sha256: sha.clone(), model: model.clone(), attributes: a };
+            serde_json::to_writer(&mut w, &line)?;
+            writeln!(w)?;
+        }
+    }
+    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+

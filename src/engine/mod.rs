@@ -1,1 +1,451 @@
-//! ONNX Runtime inference engine.
+//! ONNX Runtime inference for one bundle.
+//!
+//! The session lives on its own thread: ORT's `run` is blocking and CPU-heavy, and keeping it off the async runtime
+//! keeps capture, HTTP and MQTT responsive while a batch runs. Callers send a batch and wait on a oneshot channel,
+//! either blocking (`infer_blocking`) or async (`infer`).
+
+pub mod postprocess;
+
+use crate::bundle::{Bundle, Manifest};
+use crate::preprocess::Layout;
+use ndarray::{Array2, Array4};
+use ort::ep::ExecutionProviderDispatch;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{TensorElementType, TensorRef, ValueType};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+pub use postprocess::{Attribute, Attributes, Decision, Scored};
+
+/// ONNX Runtime execution providers attrd knows how to configure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Cuda,
+    #[serde(rename = "tensorrt")]
+    TensorRt,
+    Cpu,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Cuda => "cuda",
+            Provider::TensorRt => "tensorrt",
+            Provider::Cpu => "cpu",
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Provider {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "cuda" => Ok(Provider::Cuda),
+            "tensorrt" | "trt" => Ok(Provider::TensorRt),
+            "cpu" => Ok(Provider::Cpu),
+            other => Err(format!("unknown execution provider {other:?} (expected cuda, tensorrt or cpu)")),
+        }
+    }
+}
+
+/// How to run models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Execution providers to try, in order; the first that registers serves and each one that fails is logged and
+    /// reported as a fallback. CPU is always appended as the last resort if missing.
+    pub providers: Vec<Provider>,
+    /// Threads ONNX Runtime uses inside one operator; 0 lets ORT choose (one per physical core).
+    pub intra_threads: usize,
+    /// Path of `libonnxruntime.so`. Unset: `ORT_DYLIB_PATH`, then `../lib/` and the directory of the executable, then
+    /// the system's library search path.
+    pub ort_library: Option<PathBuf>,
+    /// GPU ordinal for CUDA and TensorRT.
+    pub device_id: i32,
+    /// Where TensorRT keeps built engines between runs (keyed by model and GPU); unset disables the cache.
+    pub tensorrt_cache_dir: Option<PathBuf>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            providers: vec![Provider::Cuda, Provider::TensorRt, Provider::Cpu],
+            intra_threads: 0,
+            ort_library: None,
+            device_id: 0,
+            tensorrt_cache_dir: None,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// A CPU-only configuration (tests, tools, boxes without a GPU).
+    pub fn cpu() -> Self {
+        Self { providers: vec![Provider::Cpu], ..Self::default() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error("cannot load ONNX Runtime from {path}: {reason} (run ./scripts/setup, or set engine.ort_library / ORT_DYLIB_PATH)")]
+    Library { path: PathBuf, reason: String },
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+    #[error("cannot load {path}: {reason}")]
+    Session { path: PathBuf, reason: String },
+    #[error("model does not match its manifest: {0}")]
+    Mismatch(String),
+    #[error("batch has shape {got:?}, the model expects [N, {expected:?}]")]
+    BadBatch { got: Vec<usize>, expected: Vec<usize> },
+    #[error("inference failed: {0}")]
+    Run(String),
+    #[error("head {head:?} produced a non-finite value (NaN or infinity)")]
+    NonFinite { head: String },
+    #[error("the inference thread has stopped")]
+    Stopped,
+}
+
+fn ort_err(e: impl fmt::Display) -> EngineError {
+    EngineError::Ort(e.to_string())
+}
+
+/// What the provider chain resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderReport {
+    /// The provider that serves (the first one that registered).
+    pub active: Provider,
+    /// Providers before it that could not be used, with the reason.
+    pub fallbacks: Vec<ProviderFallback>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderFallback {
+    pub provider: Provider,
+    pub reason: String,
+}
+
+struct Runtime {
+    env: Arc<ort::environment::Environment>,
+    library: PathBuf,
+}
+
+static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+
+/// Loads ONNX Runtime once per process. The first caller's library path wins; later calls reuse it.
+fn runtime(cfg: &EngineConfig) -> Result<&'static Runtime, EngineError> {
+    let library = resolve_library(cfg.ort_library.as_deref());
+    RUNTIME
+        .get_or_init(|| {
+            let builder = ort::init_from(&library).map_err(|e| format!("{e}"))?;
+            let env = builder.with_name("attrd").build().map_err(|e| format!("{e}"))?;
+            tracing::info!(library = %library.display(), "ONNX Runtime loaded");
+            Ok(Runtime { env: Arc::new(env), library: library.clone() })
+        })
+        .as_ref()
+        .map_err(|reason| EngineError::Library { path: library, reason: reason.clone() })
+}
+
+/// The ORT library path the engine will load (see [`EngineConfig::ort_library`]).
+pub fn resolve_library(configured: Option<&Path>) -> PathBuf {
+    if let Some(p) = configured {
+        return p.to_path_buf();
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        for cand in [dir.join("../lib/libonnxruntime.so"), dir.join("libonnxruntime.so")] {
+            if cand.exists() {
+                return cand;
+            }
+        }
+    }
+    PathBuf::from("libonnxruntime.so")
+}
+
+/// The ORT library actually loaded in this process, if any.
+pub fn loaded_library() -> Option<&'static Path> {
+    RUNTIME.get().and_then(|r| r.as_ref().ok()).map(|r| r.library.as_path())
+}
+
+/// Model outputs for one batch: logits per head (manifest order), each `[N, classes]`.
+#[derive(Debug, Clone)]
+pub struct BatchOutput {
+    pub logits: Vec<Array2<f32>>,
+    /// Time spent inside `Session::run`.
+    pub run_time: Duration,
+}
+
+impl BatchOutput {
+    /// Probabilities per image, per head (after temperature).
+    pub fn probabilities(&self, manifest: &Manifest) -> Vec<Vec<Vec<f32>>> {
+        let n = self.logits.first().map_or(0, |l| l.nrows());
+        (0..n)
+            .map(|i| {
+                manifest
+                    .heads
+                    .iter()
+                    .zip(&self.logits)
+                    .map(|(h, l)| postprocess::probabilities(h, l.row(i).as_slice().unwrap_or(&l.row(i).to_vec())))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Attributes per image.
+    pub fn attributes(&self, manifest: &Manifest) -> Vec<Attributes> {
+        self.probabilities(manifest).iter().map(|p| postprocess::attributes(manifest, p)).collect()
+    }
+}
+
+struct Job {
+    batch: Array4<f32>,
+    reply: tokio::sync::oneshot::Sender<Result<BatchOutput, EngineError>>,
+}
+
+/// A loaded model, ready to run batches. Cheap to clone; all clones feed the same session thread.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::SyncSender<Job>,
+    manifest: Arc<Manifest>,
+    report: ProviderReport,
+    input_shape: [usize; 3],
+    model_sha256: String,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.manifest.name)
+            .field("version", &self.manifest.version.to_string())
+            .field("provider", &self.report.active)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Creates a session for the bundle's ONNX file with the configured provider chain and checks the graph's input
+    /// and outputs against the manifest.
+    pub fn load(bundle: &Bundle, cfg: &EngineConfig) -> Result<Self, EngineError> {
+        let rt = runtime(cfg)?;
+        let started = Instant::now();
+        let manifest = bundle.manifest().clone();
+        let onnx = bundle.onnx_path();
+        let mut builder = Session::builder(&rt.env)
+            .map_err(ort_err)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(ort_err)?;
+        if cfg.intra_threads > 0 {
+            builder = builder.with_intra_threads(cfg.intra_threads).map_err(ort_err)?;
+        }
+        let mut chain = cfg.providers.clone();
+        if !chain.contains(&Provider::Cpu) {
+            chain.push(Provider::Cpu);
+        }
+        let mut fallbacks = Vec::new();
+        let mut active = None;
+        for p in chain {
+            let dispatch = dispatch(p, cfg, bundle.onnx_sha256());
+            match dispatch.register(&mut builder) {
+                Ok(()) => {
+                    tracing::info!(provider = %p, model = %bundle.label(), "execution provider registered");
+                    active = Some(p);
+                    break;
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    tracing::warn!(provider = %p, %reason, "execution provider unavailable, falling back to the next");
+                    fallbacks.push(ProviderFallback { provider: p, reason });
+                }
+            }
+        }
+        // CPU is built into every ONNX Runtime; if even it failed to register, the session still runs on ORT's
+        // default CPU kernels, so report CPU rather than failing.
+        let active = active.unwrap_or(Provider::Cpu);
+        let session = builder
+            .commit_from_file(&onnx)
+            .map_err(|e| EngineError::Session { path: onnx.clone(), reason: e.to_string() })?;
+        let input_shape = check_io(&session, &manifest)?;
+        let report = ProviderReport { active, fallbacks };
+        let (tx, rx) = mpsc::sync_channel::<Job>(4);
+        let heads: Vec<String> = manifest.heads.iter().map(|h| h.name.clone()).collect();
+        let input_name = manifest.input_name.clone();
+        std::thread::Builder::new()
+            .name(format!("ort-{}", manifest.name))
+            .spawn(move || session_thread(session, rx, input_name, heads))
+            .map_err(|e| EngineError::Ort(format!("cannot start the inference thread: {e}")))?;
+        tracing::info!(
+            model = %bundle.label(),
+            provider = %report.active,
+            fallbacks = report.fallbacks.len(),
+            load_ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
+        Ok(Self {
+            tx,
+            manifest: Arc::new(manifest),
+            report,
+            input_shape,
+            model_sha256: bundle.onnx_sha256().to_string(),
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Which execution provider serves and which ones fell back.
+    pub fn providers(&self) -> &ProviderReport {
+        &self.report
+    }
+
+    /// SHA-256 of the ONNX file this engine runs.
+    pub fn model_sha256(&self) -> &str {
+        &self.model_sha256
+    }
+
+    /// The per-image input shape (`[3, H, W]` or `[H, W, 3]`).
+    pub fn input_shape(&self) -> [usize; 3] {
+        self.input_shape
+    }
+
+    fn submit(&self, batch: Array4<f32>) -> Result<tokio::sync::oneshot::Receiver<Result<BatchOutput, EngineError>>, EngineError> {
+        let shape = batch.shape();
+        if shape[1..] != self.input_shape[..] || shape[0] == 0 {
+            return Err(EngineError::BadBatch { got: shape.to_vec(), expected: self.input_shape.to_vec() });
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Job { batch, reply }).map_err(|_| EngineError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// Runs one batch, blocking the calling thread (not for use on an async runtime thread).
+    pub fn infer_blocking(&self, batch: Array4<f32>) -> Result<BatchOutput, EngineError> {
+        self.submit(batch)?.blocking_recv().map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Runs one batch without blocking the async runtime.
+    pub async fn infer(&self, batch: Array4<f32>) -> Result<BatchOutput, EngineError> {
+        // Submitting may wait for queue space; that wait is short and bounded by the channel capacity.
+        self.submit(batch)?.await.map_err(|_| EngineError::Stopped)?
+    }
+}
+
+fn dispatch(p: Provider, cfg: &EngineConfig, model_sha256: &str) -> ExecutionProviderDispatch {
+    use ort::ep;
+    match p {
+        Provider::Cuda => ep::CUDA::default().with_device_id(cfg.device_id).build().error_on_failure(),
+        Provider::TensorRt => {
+            let mut trt = ep::TensorRT::default().with_device_id(cfg.device_id);
+            if let Some(dir) = &cfg.tensorrt_cache_dir {
+                // TensorRT keys cached engines by its own version and the GPU; the prefix adds the model so two
+                // versions of a model never share an engine.
+                trt = trt
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(dir.display())
+                    .with_engine_cache_prefix(&model_sha256[..16.min(model_sha256.len())])
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(dir.display());
+            }
+            trt.build().error_on_failure()
+        }
+        Provider::Cpu => ep::CPU::default().build().error_on_failure(),
+    }
+}
+
+fn check_io(session: &Session, m: &Manifest) -> Result<[usize; 3], EngineError> {
+    let spec = &m.input;
+    let (h, w) = (spec.height as usize, spec.width as usize);
+    let per_image = match spec.layout {
+        Layout::Nchw => [3, h, w],
+        Layout::Nhwc => [h, w, 3],
+    };
+    let inputs = session.inputs();
+    if inputs.len() != 1 || inputs[0].name() != m.input_name {
+        return Err(EngineError::Mismatch(format!(
+            "manifest expects one input {:?}, the graph has {:?}",
+            m.input_name,
+            inputs.iter().map(|i| i.name()).collect::<Vec<_>>()
+        )));
+    }
+    check_tensor("input", inputs[0].name(), inputs[0].dtype(), &per_image)?;
+    let outputs = session.outputs();
+    let graph_names: Vec<&str> = outputs.iter().map(|o| o.name()).collect();
+    for head in &m.heads {
+        let Some(o) = outputs.iter().find(|o| o.name() == head.name) else {
+            return Err(EngineError::Mismatch(format!(
+                "head {:?} has no graph output of that name (outputs: {graph_names:?})",
+                head.name
+            )));
+        };
+        check_tensor("output", o.name(), o.dtype(), &[head.classes.len()])?;
+    }
+    if let Some(extra) = outputs.iter().find(|o| m.head(o.name()).is_none()) {
+        return Err(EngineError::Mismatch(format!("graph output {:?} is not a head in the manifest", extra.name())));
+    }
+    Ok(per_image)
+}
+
+/// Checks dtype f32 and shape `[batch, dims...]`, where the batch dimension may be dynamic.
+fn check_tensor(kind: &str, name: &str, ty: &ValueType, dims: &[usize]) -> Result<(), EngineError> {
+    let (Some(t), Some(shape)) = (ty.tensor_type(), ty.tensor_shape()) else {
+        return Err(EngineError::Mismatch(format!("{kind} {name:?} is not a tensor")));
+    };
+    if t != TensorElementType::Float32 {
+        return Err(EngineError::Mismatch(format!("{kind} {name:?} is {t:?}, expected float32")));
+    }
+    let want: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+    let ok = shape.len() == dims.len() + 1 && shape[1..] == want[..];
+    if !ok {
+        return Err(EngineError::Mismatch(format!(
+            "{kind} {name:?} has shape {:?}, the manifest implies [batch, {}]",
+            &shape[..],
+            dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    Ok(())
+}
+
+fn session_thread(mut session: Session, rx: mpsc::Receiver<Job>, input_name: String, heads: Vec<String>) {
+    while let Ok(job) = rx.recv() {
+        let result = run_batch(&mut session, &input_name, &heads, &job.batch);
+        // The caller may have given up waiting (e.g. shutdown); nothing to do then.
+        let _ = job.reply.send(result);
+    }
+    tracing::debug!("inference thread exiting: all engine handles dropped");
+}
+
+fn run_batch(session: &mut Session, input: &str, heads: &[String], batch: &Array4<f32>) -> Result<BatchOutput, EngineError> {
+    let n = batch.shape()[0];
+    let tensor = TensorRef::from_array_view(batch.view()).map_err(|e| EngineError::Run(e.to_string()))?;
+    let started = Instant::now();
+    let outputs = session.run(ort::inputs![input => tensor]).map_err(|e| EngineError::Run(e.to_string()))?;
+    let run_time = started.elapsed();
+    let mut logits = Vec::with_capacity(heads.len());
+    for head in heads {
+        let value = outputs.get(head).ok_or_else(|| EngineError::Run(format!("output {head:?} missing")))?;
+        let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| EngineError::Run(e.to_string()))?;
+        if shape.len() != 2 || shape[0] as usize != n {
+            return Err(EngineError::Run(format!("output {head:?} has shape {:?} for a batch of {n}", &shape[..])));
+        }
+        if data.iter().any(|v| !v.is_finite()) {
+            return Err(EngineError::NonFinite { head: head.clone() });
+        }
+        let classes = shape[1] as usize;
+        let arr = Array2::from_shape_vec((n, classes), data.to_vec()).map_err(|e| EngineError::Run(e.to_string()))?;
+        logits.push(arr);
+    }
+    Ok(BatchOutput { logits, run_time })
+}

@@ -1,0 +1,149 @@
+//! The ONNX Runtime engine on the real ImageNet Lite0 bundle and real product photos.
+
+use crate::common::{fashion_rows, imagenet_bundle};
+use attrd::bundle::{self, Bundle, NewBundle};
+use attrd::engine::{Decision, Engine, EngineConfig, EngineError, Provider};
+use attrd::preprocess::{Limits, Preprocessor};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+fn engine() -> &'static (Bundle, Engine) {
+    static E: OnceLock<(Bundle, Engine)> = OnceLock::new();
+    E.get_or_init(|| {
+        let b = Bundle::open(imagenet_bundle()).unwrap();
+        let e = Engine::load(&b, &EngineConfig::cpu()).unwrap();
+        (b, e)
+    })
+}
+
+/// ImageNet class indices that are a right answer for a catalog articleType.
+fn imagenet_targets(article: &str) -> Option<&'static [usize]> {
+    Some(match article {
+        "Tshirts" => &[610],           // jersey, T-shirt
+        "Backpacks" => &[414],         // backpack
+        "Sandals" => &[774],           // sandal
+        "Sports Shoes" => &[770],      // running shoe
+        "Sunglasses" => &[836, 837],   // sunglass, sunglasses
+        "Watches" => &[531, 826, 409], // digital watch, stopwatch, analog clock
+        "Jeans" => &[608],             // jean
+        _ => return None,
+    })
+}
+
+/// The issue's acceptance test: real product photos, real pretrained weights, our exporter's ONNX, ORT.
+#[test]
+fn imagenet_lite0_ranks_the_right_class_in_the_top5_for_real_product_photos() {
+    let (bundle, engine) = engine();
+    let pre = Preprocessor::new(bundle.manifest().input.clone(), Limits::default()).unwrap();
+    // Deterministic sample: the first 8 photos of each mapped category, in labels.csv order.
+    let mut per_cat = std::collections::HashMap::<String, usize>::new();
+    let sample: Vec<(PathBuf, String)> = fashion_rows()
+        .into_iter()
+        .filter(|(_, _, art)| imagenet_targets(art).is_some())
+        .filter(|(_, _, art)| {
+            let n = per_cat.entry(art.clone()).or_default();
+            *n += 1;
+            *n <= 8
+        })
+        .map(|(_, f, art)| (f, art))
+        .collect();
+    assert_eq!(sample.len(), 56);
+    let tensors: Vec<Vec<f32>> = sample.iter().map(|(f, _)| pre.prepare_path(f).unwrap()).collect();
+    let mut hits = 0;
+    let mut misses = Vec::new();
+    for (chunk, items) in tensors.chunks(16).zip(sample.chunks(16)) {
+        let out = engine.infer_blocking(pre.batch(chunk)).unwrap();
+        let probs = out.probabilities(engine.manifest());
+        for (p, (file, art)) in probs.iter().zip(items) {
+            let top5 = attrd::engine::postprocess::top_k_indices(&p[0], 5);
+            if top5.iter().any(|c| imagenet_targets(art).unwrap().contains(c)) {
+                hits += 1;
+            } else {
+                misses.push(format!("{} ({art})", file.display()));
+            }
+        }
+    }
+    // Measured 49/56 at the time of writing; the issue asks for at least 20.
+    assert!(hits >= 40, "only {hits}/56 photos had the right class in the top 5; misses: {misses:#?}");
+}
+
+#[test]
+fn outputs_are_probabilities_with_topk_and_decisions() {
+    let (bundle, engine) = engine();
+    let pre = Preprocessor::new(bundle.manifest().input.clone(), Limits::default()).unwrap();
+    let tshirt = fashion_rows().into_iter().find(|r| r.2 == "Tshirts").unwrap().1;
+    let t = pre.prepare_path(&tshirt).unwrap();
+    let out = engine.infer_blocking(pre.batch(&[t.clone(), t])).unwrap();
+    assert_eq!(out.logits[0].shape(), &[2, 1000]);
+    // Same image twice in one batch gives the same answer.
+    assert_eq!(out.logits[0].row(0), out.logits[0].row(1));
+    let attrs = out.attributes(engine.manifest());
+    let a = &attrs[0]["imagenet"];
+    assert_eq!(a.topk.len(), 5);
+    assert!(a.topk.windows(2).all(|w| w[0].confidence >= w[1].confidence));
+    assert_eq!(a.value.as_deref(), Some(a.topk[0].value.as_str()));
+    let p = &out.probabilities(engine.manifest())[0][0];
+    assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+    assert_eq!(a.accepted, a.confidence >= 0.25);
+    assert_eq!(a.decision, if a.accepted { Decision::Accepted } else { Decision::Abstain });
+}
+
+#[test]
+fn missing_gpu_providers_fall_back_to_cpu_and_say_why() {
+    let (bundle, _) = engine();
+    let cfg = EngineConfig { providers: vec![Provider::Cuda, Provider::TensorRt, Provider::Cpu], ..EngineConfig::default() };
+    let e = Engine::load(bundle, &cfg).unwrap();
+    let r = e.providers();
+    assert_eq!(r.active, Provider::Cpu);
+    let failed: Vec<Provider> = r.fallbacks.iter().map(|f| f.provider).collect();
+    assert_eq!(failed, vec![Provider::Cuda, Provider::TensorRt]);
+    assert!(r.fallbacks.iter().all(|f| !f.reason.is_empty()));
+}
+
+#[test]
+fn wrong_batch_shape_is_rejected() {
+    let (_, engine) = engine();
+    let err = engine.infer_blocking(ndarray::Array4::zeros((1, 3, 100, 100))).unwrap_err();
+    assert!(matches!(err, EngineError::BadBatch { .. }), "{err}");
+}
+
+/// A manifest that disagrees with its graph is refused with a message naming the disagreement.
+#[test]
+fn manifest_and_graph_mismatches_are_refused() {
+    let (src, _) = engine();
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, Box<dyn Fn(&mut attrd::bundle::Manifest)>, &str)> = vec![
+        ("head renamed", Box::new(|m| m.heads[0].name = "colour".into()), "no graph output"),
+        (
+            "class count",
+            Box::new(|m| {
+                m.heads[0].classes.truncate(999);
+                m.heads[0].thresholds.truncate(999);
+            }),
+            "[batch, 999]",
+        ),
+        ("input size", Box::new(|m| m.input.width = 192), "[batch, 3, 224, 192]"),
+        ("input name", Box::new(|m| m.input_name = "pixels".into()), "\"pixels\""),
+    ];
+    for (i, (what, edit, expect)) in cases.into_iter().enumerate() {
+        let mut m = src.manifest().clone();
+        edit(&mut m);
+        let dir = tmp.path().join(format!("case{i}"));
+        let b = bundle::write(&dir, NewBundle { manifest: m, onnx: &src.onnx_path(), golden: None, signing_key: None })
+            .unwrap();
+        let err = Engine::load(&b, &EngineConfig::cpu()).expect_err(what);
+        assert!(matches!(err, EngineError::Mismatch(_)), "{what}: {err}");
+        assert!(err.to_string().contains(expect), "{what}: {err} does not mention {expect}");
+    }
+}
+
+#[tokio::test]
+async fn async_inference_matches_blocking() {
+    let (bundle, engine) = engine();
+    let pre = Preprocessor::new(bundle.manifest().input.clone(), Limits::default()).unwrap();
+    let f = fashion_rows().into_iter().find(|r| r.2 == "Backpacks").unwrap().1;
+    let batch = pre.batch(&[pre.prepare_path(&f).unwrap()]);
+    let a = engine.infer(batch.clone()).await.unwrap();
+    let b = tokio::task::spawn_blocking(move || engine.infer_blocking(batch)).await.unwrap().unwrap();
+    assert_eq!(a.logits, b.logits);
+}
