@@ -79,7 +79,8 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
@@ -138,11 +139,9 @@ struct ModelInfo<'a> {
 
 fn infer(args: InferArgs) -> Result<ExitCode> {
     let bundle = open_bundle(&args.bundle, &args.trusted_keys, args.trusted_keys.is_empty())?;
-    let cfg = EngineConfig { providers: args.providers.clone(), intra_threads: args.threads, ..EngineConfig::default() };
+    let cfg =
+        EngineConfig { providers: args.providers.clone(), intra_threads: args.threads, ..EngineConfig::default() };
     let engine = Engine::load(&bundle, &cfg).with_context(|| format!("loading {}", bundle.label()))?;
-    for f in &engine.providers().fallbacks {
-        eprintln!("attrd: note: execution provider {} unavailable, fell back: {}", f.provider, f.reason);
-    }
     let pre = Preprocessor::new(bundle.manifest().input.clone(), Limits::default())
         .context("the bundle's input spec is invalid")?;
     let m = engine.manifest();
@@ -177,11 +176,15 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         let attrs = out.attributes(m);
         let mut w = stdout.lock();
         for ((path, _, sha), a) in ok.iter().zip(&attrs) {
-            let line = InferLine { image: path.display().to_string(), sha256: sha.clone(), model: model.clone(), attributes: a };
+            let line = InferLine {
+                image: path.display().to_string(),
+                sha256: sha.clone(),
+                model: model.clone(),
+                attributes: a,
+            };
             serde_json::to_writer(&mut w, &line)?;
             writeln!(w)?;
         }
     }
     Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
-

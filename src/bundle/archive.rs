@@ -63,8 +63,7 @@ fn collect_files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), 
 /// on failure, and an existing bundle of the same name and version is never overwritten.
 pub fn unpack_tar(archive: impl Read, models_dir: &Path) -> Result<Bundle, BundleError> {
     std::fs::create_dir_all(models_dir).map_err(io_err(models_dir))?;
-    let staging =
-        tempfile::Builder::new().prefix(".unpack-").tempdir_in(models_dir).map_err(io_err(models_dir))?;
+    let staging = tempfile::Builder::new().prefix(".unpack-").tempdir_in(models_dir).map_err(io_err(models_dir))?;
     let mut ar = tar::Archive::new(archive);
     let mut total: u64 = 0;
     let entries = ar.entries().map_err(|e| BundleError::Archive(format!("not a tar archive: {e}")))?;
@@ -153,10 +152,8 @@ fn find_root(staging: &Path) -> Result<PathBuf, BundleError> {
     if staging.join(MANIFEST_FILE).is_file() {
         return Ok(staging.to_path_buf());
     }
-    let entries: Vec<_> = std::fs::read_dir(staging)
-        .map_err(io_err(staging))?
-        .collect::<Result<_, _>>()
-        .map_err(io_err(staging))?;
+    let entries: Vec<_> =
+        std::fs::read_dir(staging).map_err(io_err(staging))?.collect::<Result<_, _>>().map_err(io_err(staging))?;
     match entries.as_slice() {
         [only] if only.path().join(MANIFEST_FILE).is_file() => Ok(only.path()),
         _ => Err(BundleError::Archive(format!("no {MANIFEST_FILE} at the top level or in a single top directory"))),

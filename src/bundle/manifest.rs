@@ -223,7 +223,10 @@ impl Manifest {
                 }
                 for v in &a.values {
                     if !parent.classes.contains(v) {
-                        return bad(format!("head {:?}: applies_to value {v:?} is not a class of {:?}", h.name, parent.name));
+                        return bad(format!(
+                            "head {:?}: applies_to value {v:?} is not a class of {:?}",
+                            h.name, parent.name
+                        ));
                     }
                 }
             }
@@ -282,11 +285,8 @@ fn valid_name(name: &str) -> bool {
 /// A bundle's files sit directly in its directory (the golden images under `golden/`), so a reference may never climb
 /// out of it.
 fn check_file_name(field: &str, name: &str) -> Result<(), BundleError> {
-    let ok = !name.is_empty()
-        && !name.contains(['/', '\\', '\0'])
-        && name != "."
-        && name != ".."
-        && !name.starts_with('.');
+    let ok =
+        !name.is_empty() && !name.contains(['/', '\\', '\0']) && name != "." && name != ".." && !name.starts_with('.');
     if ok { Ok(()) } else { Err(BundleError::InvalidManifest(format!("{field} {name:?} must be a plain file name"))) }
 }
 

@@ -175,7 +175,11 @@ impl Bundle {
         let bytes = read_limited(&path, 64 << 20)?;
         let actual = hex::encode(Sha256::digest(&bytes));
         if actual != golden.sha256 {
-            return Err(BundleError::HashMismatch { file: golden.file.clone(), expected: golden.sha256.clone(), actual });
+            return Err(BundleError::HashMismatch {
+                file: golden.file.clone(),
+                expected: golden.sha256.clone(),
+                actual,
+            });
         }
         let set: GoldenSet = serde_json::from_slice(&bytes).map_err(|e| BundleError::Golden(e.to_string()))?;
         if !(set.tolerance.is_finite() && set.tolerance >= 0.0) {
@@ -188,7 +192,11 @@ impl Bundle {
             manifest::check_golden_path(&item.file)?;
             let actual = sha256_file(&self.dir.join(&item.file))?;
             if actual != item.sha256 {
-                return Err(BundleError::HashMismatch { file: item.file.clone(), expected: item.sha256.clone(), actual });
+                return Err(BundleError::HashMismatch {
+                    file: item.file.clone(),
+                    expected: item.sha256.clone(),
+                    actual,
+                });
             }
             for head in &self.manifest.heads {
                 match item.probabilities.get(&head.name) {
@@ -203,7 +211,10 @@ impl Bundle {
                         )));
                     }
                     None => {
-                        return Err(BundleError::Golden(format!("{}: no probabilities for head {:?}", item.file, head.name)));
+                        return Err(BundleError::Golden(format!(
+                            "{}: no probabilities for head {:?}",
+                            item.file, head.name
+                        )));
                     }
                 }
             }

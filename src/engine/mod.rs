@@ -99,7 +99,9 @@ impl EngineConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EngineError {
-    #[error("cannot load ONNX Runtime from {path}: {reason} (run ./scripts/setup, or set engine.ort_library / ORT_DYLIB_PATH)")]
+    #[error(
+        "cannot load ONNX Runtime from {path}: {reason} (run ./scripts/setup, or set engine.ort_library / ORT_DYLIB_PATH)"
+    )]
     Library { path: PathBuf, reason: String },
     #[error("ONNX Runtime: {0}")]
     Ort(String),
@@ -321,7 +323,10 @@ impl Engine {
         self.input_shape
     }
 
-    fn submit(&self, batch: Array4<f32>) -> Result<tokio::sync::oneshot::Receiver<Result<BatchOutput, EngineError>>, EngineError> {
+    fn submit(
+        &self,
+        batch: Array4<f32>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<BatchOutput, EngineError>>, EngineError> {
         let shape = batch.shape();
         if shape[1..] != self.input_shape[..] || shape[0] == 0 {
             return Err(EngineError::BadBatch { got: shape.to_vec(), expected: self.input_shape.to_vec() });
@@ -427,7 +432,12 @@ fn session_thread(mut session: Session, rx: mpsc::Receiver<Job>, input_name: Str
     tracing::debug!("inference thread exiting: all engine handles dropped");
 }
 
-fn run_batch(session: &mut Session, input: &str, heads: &[String], batch: &Array4<f32>) -> Result<BatchOutput, EngineError> {
+fn run_batch(
+    session: &mut Session,
+    input: &str,
+    heads: &[String],
+    batch: &Array4<f32>,
+) -> Result<BatchOutput, EngineError> {
     let n = batch.shape()[0];
     let tensor = TensorRef::from_array_view(batch.view()).map_err(|e| EngineError::Run(e.to_string()))?;
     let started = Instant::now();

@@ -10,7 +10,11 @@ fn key(seed: u8) -> SigningKey {
 }
 
 /// Writes a new bundle from the ImageNet bundle's ONNX with a (possibly modified) copy of its manifest.
-fn rebundle(dir: &Path, signer: Option<&SigningKey>, modify: impl FnOnce(&mut Manifest)) -> Result<Bundle, BundleError> {
+fn rebundle(
+    dir: &Path,
+    signer: Option<&SigningKey>,
+    modify: impl FnOnce(&mut Manifest),
+) -> Result<Bundle, BundleError> {
     let src = Bundle::open(imagenet_bundle()).unwrap();
     let mut m = src.manifest().clone();
     modify(&mut m);
@@ -50,10 +54,7 @@ fn signed_bundle_verifies_only_with_the_right_key() {
     let signer = key(7);
     let b = rebundle(&dir, Some(&signer), |_| {}).unwrap();
     let good = TrustedKeys::new([signer.verifying_key()]);
-    assert_eq!(
-        b.verify(&good).unwrap(),
-        SignatureStatus::Verified { key_id: bundle::key_id(&signer.verifying_key()) }
-    );
+    assert_eq!(b.verify(&good).unwrap(), SignatureStatus::Verified { key_id: bundle::key_id(&signer.verifying_key()) });
     let other = TrustedKeys::new([key(8).verifying_key()]);
     assert!(matches!(b.verify(&other), Err(BundleError::UntrustedKey { .. })));
     assert!(matches!(b.verify(&TrustedKeys::default()), Err(BundleError::UntrustedKey { .. })));

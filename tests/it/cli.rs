@@ -11,7 +11,7 @@ fn attrd() -> Command {
 fn infer_prints_one_json_object_per_image_and_one_error_line_per_bad_file() {
     let rows = fashion_rows();
     let tshirt = &rows.iter().find(|r| r.2 == "Tshirts").unwrap().1;
-    let backpack = &rows.iter().find(|r| r.2 == "Backpacks").unwrap().1;
+    let sunglasses = &rows.iter().find(|r| r.2 == "Sunglasses").unwrap().1;
     let tmp = tempfile::tempdir().unwrap();
     let corrupt = tmp.path().join("corrupt.jpg");
     std::fs::write(&corrupt, b"\xff\xd8\xff\xe0 this is not really a jpeg").unwrap();
@@ -21,7 +21,7 @@ fn infer_prints_one_json_object_per_image_and_one_error_line_per_bad_file() {
         .arg(imagenet_bundle())
         .arg(tshirt)
         .arg(&corrupt)
-        .arg(backpack)
+        .arg(sunglasses)
         .arg(&missing)
         .output()
         .unwrap();
@@ -31,14 +31,19 @@ fn infer_prints_one_json_object_per_image_and_one_error_line_per_bad_file() {
     let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     assert_eq!(lines[0]["image"], tshirt.display().to_string());
-    assert_eq!(lines[1]["image"], backpack.display().to_string());
+    assert_eq!(lines[1]["image"], sunglasses.display().to_string());
     assert_eq!(lines[0]["model"]["name"], "imagenet-lite0");
     assert_eq!(lines[0]["model"]["execution_provider"], "cpu");
     let top = |l: &serde_json::Value| -> Vec<String> {
-        l["attributes"]["imagenet"]["topk"].as_array().unwrap().iter().map(|t| t["value"].as_str().unwrap().to_string()).collect()
+        l["attributes"]["imagenet"]["topk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["value"].as_str().unwrap().to_string())
+            .collect()
     };
     assert!(top(&lines[0]).iter().any(|v| v.contains("jersey")), "{:?}", top(&lines[0]));
-    assert!(top(&lines[1]).iter().any(|v| v.contains("backpack")), "{:?}", top(&lines[1]));
+    assert!(top(&lines[1]).iter().any(|v| v.contains("sunglass")), "{:?}", top(&lines[1]));
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("attrd: /")).collect();
     assert_eq!(errors.len(), 2, "{stderr}");
     assert!(errors[0].contains("corrupt.jpg"), "{stderr}");
@@ -51,12 +56,14 @@ fn model_verify_requires_a_key_or_an_explicit_opt_out() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--trusted-key"));
     let demo_key = crate::common::repo().join("config/keys/attrd-demo.pub");
-    let out = attrd().args(["model", "verify", "--trusted-key"]).arg(&demo_key).arg(imagenet_bundle()).output().unwrap();
+    let out =
+        attrd().args(["model", "verify", "--trusted-key"]).arg(&demo_key).arg(imagenet_bundle()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("imagenet-lite0@1.0.0: ok"));
     // A key that did not sign it is refused, naming the signer.
     let tmp = tempfile::tempdir().unwrap();
-    let (_, other) = attrd::bundle::write_keypair(&ed25519_dalek::SigningKey::from_bytes(&[4; 32]), &tmp.path().join("k")).unwrap();
+    let (_, other) =
+        attrd::bundle::write_keypair(&ed25519_dalek::SigningKey::from_bytes(&[4; 32]), &tmp.path().join("k")).unwrap();
     let out = attrd().args(["model", "verify", "--trusted-key"]).arg(&other).arg(imagenet_bundle()).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not trusted"), "{}", String::from_utf8_lossy(&out.stderr));

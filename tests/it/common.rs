@@ -15,9 +15,8 @@ pub fn imagenet_bundle() -> PathBuf {
 
 /// The real labelled product photos (`../shared/data/fashion`, or `ATTRD_DATA_DIR`).
 pub fn fashion() -> PathBuf {
-    let p = std::env::var_os("ATTRD_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared/data/fashion"));
+    let p =
+        std::env::var_os("ATTRD_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("../shared/data/fashion"));
     assert!(p.join("labels.csv").is_file(), "{} has no labels.csv (set ATTRD_DATA_DIR)", p.display());
     p
 }

@@ -1,1 +1,5 @@
 //! The attrd crate's single integration-test binary; each module covers one area.
+mod bundle;
+mod cli;
+mod common;
+mod engine;

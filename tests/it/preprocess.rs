@@ -1,0 +1,593 @@
+//! Shared preprocessing on real catalogue photos: every fixture's outcome, pixel agreement with Pillow, DCT-domain
+//! downscaling of a large JPEG, limits, spec serde. Fixtures come from `scripts/make-image-fixtures.py`.
+
+use attrd::preprocess::{
+    ChannelOrder, Decoded, ImageKind, InputSpec, Interpolation, Layout, Limits, PreprocessError, Preprocessor,
+    ResizeMode,
+};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+fn fixture_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images").join(name)
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = fixture_path(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn letterbox_spec(width: u32, height: u32) -> InputSpec {
+    InputSpec {
+        resize: ResizeMode::Letterbox,
+        crop_fraction: 1.0,
+        interpolation: Interpolation::Bilinear,
+        ..InputSpec::imagenet(width, height)
+    }
+}
+
+/// The daemon's typical configuration; only the fill colour (white) matters for decoding the small fixtures.
+fn pp() -> Preprocessor {
+    Preprocessor::new(letterbox_spec(224, 224), Limits::default()).unwrap()
+}
+
+fn decode(name: &str) -> Decoded {
+    pp().decode(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e:?}"))
+}
+
+/// Decoded with Pillow-independent, format-agnostic code: the `image` crate, for ground-truth PNGs.
+fn png_rgb(name: &str) -> RgbImage {
+    let img = image::load_from_memory_with_format(&fixture(name), image::ImageFormat::Png).unwrap();
+    assert!(!img.color().has_alpha(), "{name} is meant to be an opaque reference");
+    img.into_rgb8()
+}
+
+/// Mean and max absolute difference of two same-sized images, in 8-bit levels.
+fn diff(a: &RgbImage, b: &RgbImage) -> (f64, u8) {
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    let (mut sum, mut max) = (0u64, 0u8);
+    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+        let d = x.abs_diff(*y);
+        sum += u64::from(d);
+        max = max.max(d);
+    }
+    (sum as f64 / a.as_raw().len() as f64, max)
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Every fixture's outcome
+
+#[test]
+fn good_fixtures_decode_with_format_size_and_orientation() {
+    use ImageKind::*;
+    // (file, format, width, height, orientation): sizes are as displayed, i.e. after EXIF rotation.
+    let cases = [
+        ("photo.jpg", Jpeg, 60, 80, 1),
+        ("progressive.jpg", Jpeg, 60, 80, 1),
+        ("shoe.jpg", Jpeg, 60, 80, 1),
+        ("cmyk.jpg", Jpeg, 60, 80, 1),
+        ("gray.jpg", Jpeg, 60, 80, 1),
+        ("exif-3.jpg", Jpeg, 60, 80, 3),
+        ("exif-6.jpg", Jpeg, 60, 80, 6),
+        ("exif-8.jpg", Jpeg, 60, 80, 8),
+        ("photo.png", Png, 60, 80, 1),
+        ("gray.png", Png, 60, 80, 1),
+        ("gray16.png", Png, 60, 80, 1),
+        ("rgb16.png", Png, 60, 80, 1),
+        ("rgba.png", Png, 60, 80, 1),
+        ("la.png", Png, 60, 80, 1),
+        ("palette.png", Png, 60, 80, 1),
+        ("exif-6.png", Png, 60, 80, 6),
+        ("photo.webp", Webp, 60, 80, 1),
+        ("lossy.webp", Webp, 60, 80, 1),
+        ("rgba.webp", Webp, 60, 80, 1),
+        ("exif-5.webp", Webp, 60, 80, 5),
+    ];
+    for (name, format, w, h, orientation) in cases {
+        let d = decode(name);
+        assert_eq!(d.format, format, "{name}");
+        assert_eq!(d.image.dimensions(), (w, h), "{name}");
+        assert_eq!((d.original_width, d.original_height), (w, h), "{name}");
+        assert_eq!(d.orientation, orientation, "{name}");
+        assert_eq!(d.dct_scale, 1, "{name}: a 60x80 photo is never reduced for a 224 target");
+        let t = pp().prepare(&fixture(name)).unwrap();
+        assert_eq!(t.len(), 3 * 224 * 224, "{name}");
+        assert!(t.iter().all(|v| v.is_finite()), "{name}");
+    }
+}
+
+#[test]
+fn broken_and_hostile_fixtures_give_specific_errors() {
+    let pp = pp();
+    let err = |name: &str| pp.decode(&fixture(name)).expect_err(name);
+
+    assert!(matches!(err("empty.jpg"), PreprocessError::Empty));
+
+    // Content decides, not the extension.
+    let e = err("html-error.jpg");
+    assert!(matches!(&e, PreprocessError::UnknownFormat { magic } if magic.contains("<!DOCTYPE ht")), "{e:?}");
+    assert!(matches!(err("garbage.bin"), PreprocessError::UnknownFormat { .. }));
+
+    for (name, format) in [
+        ("truncated.jpg", ImageKind::Jpeg),
+        ("truncated-eoi.jpg", ImageKind::Jpeg),
+        ("truncated.png", ImageKind::Png),
+        ("truncated.webp", ImageKind::Webp),
+    ] {
+        let len = fixture(name).len();
+        match err(name) {
+            PreprocessError::Truncated { format: f, len: l, source } => {
+                assert_eq!((f, l), (format, len), "{name}");
+                assert!(source.is_some(), "{name}: the decoder's own error is kept as the source");
+            }
+            other => panic!("{name}: expected Truncated, got {other:?}"),
+        }
+    }
+    let e = err("truncated.jpg");
+    assert_eq!(
+        e.to_string(),
+        format!("JPEG image is truncated: the data ends after {} bytes, before the image is complete", 1015)
+    );
+
+    // Decompression bombs: rejected from the header, before any pixel buffer exists.
+    match err("bomb.png") {
+        PreprocessError::TooManyPixels { width: 100_000, height: 100_000, limit: 100_000_000 } => {}
+        other => panic!("bomb.png: {other:?}"),
+    }
+    let e = err("bomb.jpg");
+    assert!(matches!(e, PreprocessError::TooManyPixels { width: 30_000, height: 30_000, .. }), "{e:?}");
+    assert_eq!(e.to_string(), "image is 30000x30000 = 900.0 MP, over the 100 MP limit");
+}
+
+#[test]
+fn corrupt_jpeg_reports_decode_error_with_source() {
+    let mut bytes = fixture("photo.jpg");
+    // Destroy the Huffman tables' marker: the stream is complete but no longer decodable.
+    let dht = bytes.windows(2).position(|w| w == [0xff, 0xc4]).unwrap();
+    bytes[dht + 1] = 0x00;
+    let e = pp().decode(&bytes).unwrap_err();
+    assert!(matches!(e, PreprocessError::Decode { format: ImageKind::Jpeg, .. }), "{e:?}");
+    assert_eq!(e.to_string(), "could not decode JPEG image");
+    assert!(std::error::Error::source(&e).is_some());
+}
+
+/// jpeg-decoder (and the PNG/WebP decoders) must never hand back a partially decoded image: every prefix of a real
+/// file either fails or, when only trailing metadata is missing, decodes to exactly the full image.
+#[test]
+fn no_prefix_of_a_real_file_decodes_to_a_partial_image() {
+    let pp = pp();
+    for name in ["photo.jpg", "progressive.jpg", "cmyk.jpg", "photo.png", "photo.webp", "exif-6.jpg"] {
+        let bytes = fixture(name);
+        let full = pp.decode(&bytes).unwrap().image;
+        let mut truncated = 0;
+        // Every 3rd cut point, and all of the last 100 bytes where the end-of-image markers live.
+        let cuts = (0..bytes.len()).step_by(3).chain(bytes.len().saturating_sub(100)..bytes.len());
+        let mut tried = 0;
+        for cut in cuts {
+            tried += 1;
+            match pp.decode(&bytes[..cut]) {
+                Ok(d) => assert!(d.image == full, "{name} cut at {cut}/{} decoded to a partial image", bytes.len()),
+                Err(PreprocessError::Truncated { .. }) => truncated += 1,
+                Err(PreprocessError::Empty) => assert_eq!(cut, 0),
+                Err(_) => {}
+            }
+        }
+        // Almost every cut point is recognised as truncation specifically, not as generic corruption.
+        assert!(truncated * 10 >= tried * 9, "{name}: only {truncated}/{tried} cuts reported as truncated");
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Pixel correctness of decoding
+
+#[test]
+fn lossless_variants_decode_to_identical_pixels() {
+    let photo = png_rgb("photo.png");
+    for name in ["photo.png", "rgb16.png", "photo.webp", "exif-6.png", "exif-5.webp"] {
+        assert!(decode(name).image == photo, "{name} differs from photo.png");
+    }
+    let gray = decode("gray.png").image;
+    assert!(gray.pixels().all(|p| p[0] == p[1] && p[1] == p[2]), "grey must expand to R=G=B");
+    assert!(decode("gray16.png").image == gray, "16-bit grey differs from 8-bit grey");
+}
+
+#[test]
+fn jpeg_decoding_matches_pillow() {
+    // photo.png is Pillow's (libjpeg's) decoding of photo.jpg: the decoders may differ only by IDCT/upsampling
+    // rounding.
+    let photo = png_rgb("photo.png");
+    let (mean, max) = diff(&decode("photo.jpg").image, &photo);
+    assert!(mean < 1.5 && max <= 40, "photo.jpg vs Pillow: mean {mean:.3}, max {max}");
+    // Progressive re-encode at q92: adds compression loss on top.
+    let (mean, max) = diff(&decode("progressive.jpg").image, &photo);
+    assert!(mean < 3.0 && max <= 60, "progressive.jpg vs Pillow: mean {mean:.3}, max {max}");
+    let (mean, _) = diff(&decode("lossy.webp").image, &photo);
+    assert!(mean < 4.0, "lossy.webp vs original: mean {mean:.3}");
+}
+
+#[test]
+fn cmyk_jpeg_matches_pillow_and_the_rgb_original() {
+    let cmyk = decode("cmyk.jpg").image;
+    // Same file rendered by Pillow: validates the Adobe-inverted CMYK handling and the CMYK->RGB formula.
+    let (mean, max) = diff(&cmyk, &png_rgb("cmyk.pillow.png"));
+    assert!(mean < 1.5 && max <= 40, "cmyk.jpg vs Pillow: mean {mean:.3}, max {max}");
+    // And the same photo as a normal RGB JPEG: a wrong inversion would be off by ~128 levels.
+    let (mean, _) = diff(&cmyk, &decode("shoe.jpg").image);
+    assert!(mean < 3.0, "cmyk.jpg vs shoe.jpg: mean {mean:.3}");
+}
+
+#[test]
+fn grayscale_jpeg_is_grey_and_matches_its_source() {
+    let gray = decode("gray.jpg").image;
+    assert!(gray.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
+    let (mean, _) = diff(&gray, &decode("gray.png").image);
+    assert!(mean < 2.0, "gray.jpg vs gray.png: mean {mean:.3}");
+}
+
+#[test]
+fn transparency_is_composited_over_the_fill_colour() {
+    // The *.over-white.png references are composited in numpy; transparent pixels of rgba.png are black
+    // underneath, so dropping alpha instead of compositing cannot pass.
+    for (name, reference) in [
+        ("rgba.png", "rgba.over-white.png"),
+        ("rgba.webp", "rgba.over-white.png"),
+        ("la.png", "la.over-white.png"),
+        ("palette.png", "palette.over-white.png"),
+    ] {
+        let (mean, max) = diff(&decode(name).image, &png_rgb(reference));
+        assert!(max == 0, "{name} vs {reference}: mean {mean:.3}, max {max}");
+    }
+    // The matte is the spec's fill colour, not hard-wired white.
+    let spec = InputSpec { fill: [0, 128, 255], ..letterbox_spec(224, 224) };
+    let blue = Preprocessor::new(spec, Limits::default()).unwrap();
+    let img = blue.decode(&fixture("rgba.png")).unwrap().image;
+    assert_eq!(img.get_pixel(0, 0).0, [0, 128, 255], "fully transparent corner");
+    let white = decode("rgba.png").image;
+    let centre = (30, 40); // on the shoe: opaque, unaffected by the matte
+    assert_eq!(img.get_pixel(centre.0, centre.1), white.get_pixel(centre.0, centre.1));
+}
+
+#[test]
+fn exif_orientation_restores_the_upright_photo() {
+    let photo = png_rgb("photo.png");
+    for name in ["exif-3.jpg", "exif-6.jpg", "exif-8.jpg"] {
+        let (mean, max) = diff(&decode(name).image, &photo);
+        assert!(mean < 2.5, "{name} vs upright photo: mean {mean:.3}, max {max}");
+    }
+    // The same pixels without the orientation applied are nowhere near: the comparison above has teeth.
+    let stored =
+        image::load_from_memory_with_format(&fixture("exif-3.jpg"), image::ImageFormat::Jpeg).unwrap().into_rgb8();
+    let (mean, _) = diff(&stored, &photo);
+    assert!(mean > 20.0, "stored exif-3.jpg pixels unexpectedly close to upright: {mean:.3}");
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Output tensors against Pillow + numpy
+
+/// Reads a little-endian float32 `.npy` file (format version 1 or 2) into (shape, values).
+fn read_npy(name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = fixture(name);
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{name}");
+    let (header_len, start) = match bytes[6] {
+        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        _ => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
+    };
+    let header = std::str::from_utf8(&bytes[start..start + header_len]).unwrap();
+    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
+    let shape_str = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let shape: Vec<usize> =
+        shape_str.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
+    let data: Vec<f32> =
+        bytes[start + header_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(data.len(), shape.iter().product::<usize>(), "{name}");
+    (shape, data)
+}
+
+#[derive(serde::Deserialize)]
+struct ReferenceCase {
+    name: String,
+    input: String,
+    spec: InputSpec,
+    tensor: String,
+}
+
+#[test]
+fn tensors_match_pillow_numpy_reference() {
+    let cases: Vec<ReferenceCase> = serde_json::from_slice(&fixture("reference.json")).unwrap();
+    assert!(cases.len() >= 7);
+    let mut modes = std::collections::HashSet::new();
+    for case in cases {
+        let spec = &case.spec;
+        modes.insert((spec.resize, spec.interpolation, spec.layout, spec.channel_order));
+        let (shape, want) = read_npy(&case.tensor);
+        let (w, h) = (spec.width as usize, spec.height as usize);
+        let want_shape = match spec.layout {
+            Layout::Nchw => vec![3, h, w],
+            Layout::Nhwc => vec![h, w, 3],
+        };
+        assert_eq!(shape, want_shape, "{}", case.name);
+
+        let pp = Preprocessor::new(spec.clone(), Limits::default()).unwrap();
+        let got = pp.prepare(&fixture(&case.input)).unwrap();
+        assert_eq!(got.len(), want.len(), "{}", case.name);
+        // Tolerance in 8-bit levels: fast_image_resize and Pillow share kernels and geometry but not their
+        // fixed-point precision, so 10-20 % of values come out 1 level apart (2 for Lanczos' negative lobes).
+        // A wrong geometry, filter, layout or normalization is off by many levels almost everywhere.
+        let level = |c: usize| 1.0 / (255.0 * spec.std[c] as f64);
+        let channel = |i: usize| match spec.layout {
+            Layout::Nchw => i / (w * h),
+            Layout::Nhwc => i % 3,
+        };
+        let (mut sum, mut max, mut off) = (0.0f64, 0.0f64, 0usize);
+        for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+            let c = channel(i);
+            let src = if spec.channel_order == ChannelOrder::Bgr { 2 - c } else { c };
+            let levels = (f64::from(*g) - f64::from(*r)).abs() / level(src);
+            sum += levels;
+            max = max.max(levels);
+            if levels > 0.01 {
+                off += 1;
+            }
+        }
+        let mean = sum / got.len() as f64;
+        eprintln!("{}: mean {mean:.4} levels, max {max:.3} levels, {off}/{} values off", case.name, got.len());
+        assert!(max <= 2.01, "{}: max diff {max:.3} levels", case.name);
+        assert!(mean <= 0.25, "{}: mean diff {mean:.4} levels", case.name);
+    }
+    assert!(modes.len() >= 6, "reference cases should cover several modes/filters/layouts");
+}
+
+#[test]
+fn reference_cases_are_not_trivially_equal() {
+    // Guards the reference test against a degenerate fixture set: swapping layout or channel order must change
+    // the tensor far beyond the tolerance.
+    let case = letterbox_spec(32, 32);
+    let a = Preprocessor::new(case.clone(), Limits::default()).unwrap().prepare(&fixture("photo.png")).unwrap();
+    let bgr = InputSpec { channel_order: ChannelOrder::Bgr, ..case.clone() };
+    let b = Preprocessor::new(bgr, Limits::default()).unwrap().prepare(&fixture("photo.png")).unwrap();
+    let nhwc = InputSpec { layout: Layout::Nhwc, ..case };
+    let c = Preprocessor::new(nhwc, Limits::default()).unwrap().prepare(&fixture("photo.png")).unwrap();
+    let mad = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(a, b)| (a - b).abs()).sum::<f32>() / x.len() as f32;
+    assert!(mad(&a, &b) > 0.1 && mad(&a, &c) > 0.1);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// DCT-domain downscaling of large JPEGs
+
+/// A ~24 MP studio-sized JPEG: a real photo upscaled to 4240x5664, with fine deterministic grain standing in for
+/// the texture and sensor noise a real 24 MP capture has (an upscaled 60x80 image alone would be unrealistically
+/// smooth and make the DCT-scale comparison too easy), encoded in memory.
+fn big_jpeg() -> &'static [u8] {
+    static BIG: OnceLock<Vec<u8>> = OnceLock::new();
+    BIG.get_or_init(|| {
+        let small = image::DynamicImage::ImageRgb8(png_rgb("photo.png"));
+        // DynamicImage's non-generic resize runs at the dependencies' opt-level; imageops::resize would not.
+        let mut big = small.resize_exact(4240, 5664, image::imageops::FilterType::Triangle).into_rgb8();
+        let mut state = 0x2545_f491_4f6c_dd1d_u64; // xorshift64
+        for v in big.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *v = v.saturating_add_signed((state >> 60) as i8 - 8);
+        }
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&big).unwrap();
+        out
+    })
+}
+
+/// The full-resolution decode, straight from jpeg-decoder.
+fn big_jpeg_full() -> &'static RgbImage {
+    static FULL: OnceLock<RgbImage> = OnceLock::new();
+    FULL.get_or_init(|| {
+        let mut d = jpeg_decoder::Decoder::new(big_jpeg());
+        let pixels = d.decode().unwrap();
+        let info = d.info().unwrap();
+        assert_eq!(info.pixel_format, jpeg_decoder::PixelFormat::RGB24);
+        RgbImage::from_raw(u32::from(info.width), u32::from(info.height), pixels).unwrap()
+    })
+}
+
+#[test]
+fn large_jpeg_is_decoded_at_reduced_dct_scale_without_losing_quality() {
+    let cases = [
+        (InputSpec::imagenet(224, 224), 8),
+        (letterbox_spec(224, 224), 8),
+        (InputSpec { resize: ResizeMode::Stretch, ..letterbox_spec(224, 224) }, 8),
+        // 5664 / 1024 = 5.5: a 1/4 decode (1416 px high) still downsamples, 1/8 (708) would not.
+        (letterbox_spec(1024, 1024), 4),
+        (letterbox_spec(4000, 4000), 1),
+    ];
+    for (spec, want_scale) in cases {
+        let pp = Preprocessor::new(spec.clone(), Limits::default()).unwrap();
+        let d = pp.decode(big_jpeg()).unwrap();
+        assert_eq!(d.dct_scale, want_scale, "{spec:?}");
+        assert_eq!((d.original_width, d.original_height), (4240, 5664));
+        let s = u32::from(want_scale);
+        assert_eq!(d.image.dimensions(), (4240_u32.div_ceil(s), 5664_u32.div_ceil(s)));
+        if spec.width > 1024 {
+            continue; // a 4000x4000 tensor comparison is slow and adds nothing
+        }
+
+        let fast = pp.prepare(big_jpeg()).unwrap();
+        let full = pp.to_tensor(big_jpeg_full());
+        // Compare in 8-bit levels.
+        let std = spec.std;
+        let per_level = |i: usize| 255.0 * std[(i / (spec.width * spec.height) as usize).min(2)];
+        let mean: f32 = fast.iter().zip(&full).enumerate().map(|(i, (a, b))| (a - b).abs() * per_level(i)).sum::<f32>()
+            / fast.len() as f32;
+        eprintln!("{:?} {}x{} at 1/{want_scale}: mean diff {mean:.3} levels", spec.resize, spec.width, spec.height);
+        assert!(mean < 1.0, "{:?} at 1/{want_scale}: mean diff {mean:.3} levels vs full decode", spec.resize);
+    }
+}
+
+#[test]
+fn pixel_limit_applies_to_the_jpeg_header_not_the_reduced_decode() {
+    // 24 MP is over a 20 MP limit even though a 224 target would decode only 0.4 MP of it.
+    let limits = Limits { max_pixels: 20_000_000, ..Limits::default() };
+    let pp = Preprocessor::new(InputSpec::imagenet(224, 224), limits).unwrap();
+    let e = pp.decode(big_jpeg()).unwrap_err();
+    assert!(matches!(e, PreprocessError::TooManyPixels { width: 4240, height: 5664, limit: 20_000_000 }), "{e:?}");
+    assert_eq!(e.to_string(), "image is 4240x5664 = 24.0 MP, over the 20 MP limit");
+
+    // A header claiming 65535x65535 (12.9 GB as RGB) over a few KB of data: refused from the header alone. Had
+    // anything been decoded first, this would be a truncation error (or an allocation failure), not TooManyPixels.
+    let mut bomb = fixture("photo.jpg");
+    let sof = bomb.windows(2).position(|w| w == [0xff, 0xc0]).unwrap();
+    bomb[sof + 5..sof + 9].copy_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    let started = std::time::Instant::now();
+    let e = Preprocessor::new(InputSpec::imagenet(224, 224), Limits::default()).unwrap().decode(&bomb).unwrap_err();
+    assert!(matches!(e, PreprocessError::TooManyPixels { width: 65535, height: 65535, .. }), "{e:?}");
+    assert!(started.elapsed().as_secs_f64() < 1.0, "header check took {:?}", started.elapsed());
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Limits, spec, API behaviour
+
+#[test]
+fn file_size_limit_is_checked_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("photo.png");
+    let bytes = fixture("photo.png");
+    std::fs::write(&path, &bytes).unwrap();
+    let len = bytes.len() as u64;
+
+    let tight = |max_file_bytes| {
+        Preprocessor::new(letterbox_spec(32, 32), Limits { max_file_bytes, ..Limits::default() }).unwrap()
+    };
+    match tight(len - 1).prepare_path(&path) {
+        Err(PreprocessError::FileTooLarge { bytes, limit }) => assert_eq!((bytes, limit), (len, len - 1)),
+        other => panic!("{other:?}"),
+    }
+    // The same limit applies to in-memory data.
+    assert!(matches!(tight(len - 1).decode(&bytes), Err(PreprocessError::FileTooLarge { .. })));
+    // Exactly at the limit is fine, and gives the same tensor as prepare().
+    let pp = tight(len);
+    assert_eq!(pp.prepare_path(&path).unwrap(), pp.prepare(&bytes).unwrap());
+
+    let missing = dir.path().join("nope.jpg");
+    match pp.prepare_path(&missing) {
+        Err(e @ PreprocessError::Io { .. }) => {
+            assert!(e.to_string().contains("nope.jpg"), "{e}");
+            assert!(std::error::Error::source(&e).is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(pp.prepare_path(dir.path()), Err(PreprocessError::Io { .. })), "a directory is not an image");
+}
+
+#[test]
+fn pixel_limit_on_png_and_webp() {
+    let limits = Limits { max_pixels: 60 * 80 - 1, ..Limits::default() };
+    let pp = Preprocessor::new(letterbox_spec(32, 32), limits).unwrap();
+    for name in ["photo.png", "photo.webp", "photo.jpg"] {
+        match pp.decode(&fixture(name)) {
+            Err(PreprocessError::TooManyPixels { width: 60, height: 80, limit: 4799 }) => {}
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    let limits = Limits { max_pixels: 60 * 80, ..Limits::default() };
+    let pp = Preprocessor::new(letterbox_spec(32, 32), limits).unwrap();
+    for name in ["photo.png", "photo.webp", "photo.jpg"] {
+        pp.decode(&fixture(name)).unwrap();
+    }
+}
+
+const SPEC_JSON: &str = r#"{
+  "width": 224,
+  "height": 192,
+  "resize": "center_crop",
+  "crop_fraction": 0.875,
+  "interpolation": "lanczos3",
+  "fill": [255, 255, 255],
+  "mean": [0.485, 0.456, 0.406],
+  "std": [0.229, 0.224, 0.225],
+  "channel_order": "bgr",
+  "layout": "nhwc"
+}"#;
+
+#[test]
+fn spec_serde_round_trip_and_strictness() {
+    let spec: InputSpec = serde_json::from_str(SPEC_JSON).unwrap();
+    assert_eq!(spec.resize, ResizeMode::CenterCrop);
+    assert_eq!(spec.interpolation, Interpolation::Lanczos3);
+    assert_eq!((spec.channel_order, spec.layout), (ChannelOrder::Bgr, Layout::Nhwc));
+    spec.validate().unwrap();
+    // Through text, as the manifest is written: f32 fields keep their short decimal form (0.485, not
+    // 0.48500001430511475), so the round trip is exact.
+    let text = serde_json::to_string_pretty(&spec).unwrap();
+    assert!(text.contains("0.485") && !text.contains("0.4850000"), "{text}");
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(value, serde_json::from_str::<serde_json::Value>(SPEC_JSON).unwrap());
+    assert_eq!(serde_json::from_str::<InputSpec>(&text).unwrap(), spec);
+    for mode in ["center_crop", "letterbox", "stretch"] {
+        let s = SPEC_JSON.replace("\"center_crop\"", &format!("\"{mode}\""));
+        serde_json::from_str::<InputSpec>(&s).unwrap();
+    }
+
+    let unknown = SPEC_JSON.replace("\"width\"", "\"antialias\": true,\n  \"width\"");
+    let e = serde_json::from_str::<InputSpec>(&unknown).unwrap_err().to_string();
+    assert!(e.contains("unknown field `antialias`"), "{e}");
+    let missing = SPEC_JSON.replace("\"fill\": [255, 255, 255],", "");
+    let e = serde_json::from_str::<InputSpec>(&missing).unwrap_err().to_string();
+    assert!(e.contains("missing field `fill`"), "{e}");
+    for bad in ["\"CenterCrop\"", "\"center-crop\"", "\"crop\""] {
+        assert!(serde_json::from_str::<InputSpec>(&SPEC_JSON.replace("\"center_crop\"", bad)).is_err(), "{bad}");
+    }
+    assert!(serde_json::from_str::<InputSpec>(&SPEC_JSON.replace("[255, 255, 255]", "[256, 0, 0]")).is_err());
+
+    // Valid JSON, invalid values: caught by validate() / Preprocessor::new.
+    let zero_std: InputSpec = serde_json::from_str(&SPEC_JSON.replace("0.229", "0.0")).unwrap();
+    let e = Preprocessor::new(zero_std, Limits::default()).unwrap_err();
+    assert_eq!(e.to_string(), "invalid input spec: std[0] (red) is 0, must be finite and > 0");
+}
+
+#[test]
+fn limits_serde() {
+    let limits: Limits = serde_json::from_str(r#"{"max_file_bytes": 1048576, "max_pixels": 50000000}"#).unwrap();
+    assert_eq!(limits, Limits { max_file_bytes: 1 << 20, max_pixels: 50_000_000 });
+    assert_eq!(serde_json::from_value::<Limits>(serde_json::to_value(limits).unwrap()).unwrap(), limits);
+    assert!(serde_json::from_str::<Limits>(r#"{"max_file_bytes": 1, "max_pixels": 1, "max_width": 5}"#).is_err());
+    assert_eq!(Limits::default(), Limits { max_file_bytes: 64 << 20, max_pixels: 100_000_000 });
+}
+
+#[test]
+fn prepare_is_deterministic_across_threads() {
+    let pp = Preprocessor::new(InputSpec::imagenet(64, 64), Limits::default()).unwrap();
+    let names = ["photo.jpg", "cmyk.jpg", "rgba.png", "exif-6.jpg", "lossy.webp", "palette.png"];
+    let expected: Vec<Vec<f32>> = names.iter().map(|n| pp.prepare(&fixture(n)).unwrap()).collect();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            let pp = pp.clone();
+            let expected = &expected;
+            s.spawn(move || {
+                for _ in 0..3 {
+                    for (name, want) in names.iter().zip(expected) {
+                        assert_eq!(&pp.prepare(&fixture(name)).unwrap(), want, "{name}");
+                    }
+                }
+            });
+        }
+    });
+    let batch = pp.batch(&expected);
+    assert_eq!(batch.shape(), &[names.len(), 3, 64, 64]);
+    assert_eq!(batch.index_axis(ndarray::Axis(0), 2).iter().copied().collect::<Vec<_>>(), expected[2]);
+}
+
+/// A sample of the real catalogue, if this machine has it: every photo must go through the whole pipeline.
+#[test]
+fn real_dataset_sample_preprocesses() {
+    let dir = Path::new("/work/shared/data/fashion/images");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        eprintln!("skipping: {} not available", dir.display());
+        return;
+    };
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    let pp = Preprocessor::new(InputSpec::imagenet(224, 224), Limits::default()).unwrap();
+    for path in paths.iter().step_by((paths.len() / 150).max(1)) {
+        let t = pp.prepare_path(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(t.iter().all(|v| v.is_finite() && v.abs() < 3.0), "{}", path.display());
+    }
+}
