@@ -3,3 +3,4 @@ mod bundle;
 mod cli;
 mod common;
 mod engine;
+mod preprocess;
