@@ -99,7 +99,8 @@ fn unsigned_bundle_is_reported_as_unsigned() {
 fn manifest_errors_are_specific() {
     let tmp = tempfile::tempdir().unwrap();
     let src = imagenet_bundle();
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         ("unknown key", Box::new(|m| m["colour"] = "red".into()), "unknown field"),
         ("schema v2", Box::new(|m| m["schema_version"] = 2.into()), "schema version 2"),
         ("bad name", Box::new(|m| m["name"] = "Has Spaces".into()), "name"),

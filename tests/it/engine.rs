@@ -114,7 +114,8 @@ fn wrong_batch_shape_is_rejected() {
 fn manifest_and_graph_mismatches_are_refused() {
     let (src, _) = engine();
     let tmp = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut attrd::bundle::Manifest)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut attrd::bundle::Manifest)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         ("head renamed", Box::new(|m| m.heads[0].name = "colour".into()), "no graph output"),
         (
             "class count",

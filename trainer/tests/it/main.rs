@@ -1,6 +1,9 @@
 //! The trainer crate's single integration-test binary; each module covers one area.
 
 mod onnx;
+mod ort_rt;
+#[cfg(feature = "torch")]
+mod parity;
 #[cfg(feature = "torch")]
 mod torch_model;
 mod weights;

@@ -3,8 +3,8 @@
 //! loops, unfolded batch norm, padding recomputed), for B0 and Lite0 in both padding conventions, on random weights
 //! and on the real ImageNet Lite0 checkpoint.
 
+use crate::ort_rt::{env, run, session};
 use ndarray::{Array2, Array4, Axis};
-use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 use std::path::{Path, PathBuf};
@@ -308,37 +308,6 @@ fn silu(v: f64) -> f64 {
 
 // ---------------------------------------------------------------------------------------------------------------
 // ONNX Runtime plumbing
-
-/// ONNX Runtime allows one environment per process and tests run on many threads, so it is built once.
-fn env() -> &'static Environment {
-    static ENV: OnceLock<Environment> = OnceLock::new();
-    ENV.get_or_init(|| ort::init().with_name("trainer-onnx-tests").build().expect("ONNX Runtime environment"))
-}
-
-fn session(model: &ModelProto) -> Session {
-    let bytes = onnx::encode_model(model).expect("encode");
-    Session::builder(env())
-        .expect("session builder")
-        .with_intra_threads(1)
-        .expect("threads")
-        .commit_from_memory(&bytes)
-        .expect("ONNX Runtime accepts the exported model")
-}
-
-/// Runs the session and returns each output (in graph order) as `[batch, classes]`.
-fn run(session: &mut Session, input_name: &str, images: &Array4<f32>) -> Vec<(String, Array2<f32>)> {
-    let outputs = session
-        .run(ort::inputs![input_name => TensorRef::from_array_view(images).expect("input tensor")])
-        .expect("inference");
-    outputs
-        .iter()
-        .map(|(name, v)| {
-            let a = v.try_extract_array::<f32>().expect("f32 output");
-            let a = a.into_dimensionality::<ndarray::Ix2>().expect("rank-2 output").to_owned();
-            (name.to_string(), a)
-        })
-        .collect()
-}
 
 fn max_abs_diff(a: &Array2<f32>, b: &Array2<f64>) -> f64 {
     assert_eq!(a.dim(), b.dim());
