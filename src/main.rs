@@ -3,6 +3,7 @@
 use anyhow::{Context, Result, bail};
 use attrd::bundle::{Bundle, SignatureStatus, TrustedKeys};
 use attrd::engine::{Engine, EngineConfig, Provider};
+use attrd::models::{ModelStore, SelfTestReport};
 use attrd::preprocess::{Limits, Preprocessor};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
@@ -54,8 +55,61 @@ struct InferArgs {
     images: Vec<PathBuf>,
 }
 
+/// Where the node keeps its models and whom it trusts.
+#[derive(clap::Args, Clone)]
+struct StoreArgs {
+    /// The node's models directory.
+    #[arg(long, env = "ATTRD_MODELS_DIR", default_value = "/var/lib/attrd/models")]
+    models_dir: PathBuf,
+    /// Public keys (PEM) trusted to sign bundles.
+    #[arg(long = "trusted-key", required = true)]
+    trusted_keys: Vec<PathBuf>,
+    /// Execution providers to self-test on, in order.
+    #[arg(long, value_delimiter = ',', default_value = "cuda,tensorrt,cpu")]
+    providers: Vec<Provider>,
+}
+
+impl StoreArgs {
+    fn open(&self) -> Result<ModelStore> {
+        let keys = TrustedKeys::from_files(&self.trusted_keys).context("loading trusted keys")?;
+        ModelStore::open(&self.models_dir, keys, false)
+            .with_context(|| format!("opening models directory {}", self.models_dir.display()))
+    }
+
+    fn engine(&self) -> EngineConfig {
+        EngineConfig { providers: self.providers.clone(), ..EngineConfig::default() }
+    }
+}
+
 #[derive(Subcommand)]
 enum ModelCommand {
+    /// Install a bundle (directory or .tar) into the models directory after checking hashes and signature.
+    Install {
+        /// Bundle directory or archive.
+        source: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Activate it right away (after its self-test passes).
+        #[arg(long)]
+        activate: bool,
+    },
+    /// List installed bundles.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Self-test an installed bundle on the configured providers and make it the active model.
+    Activate {
+        /// Installed bundle id, `<name>-<version>` (see `list`).
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Re-activate the previously active bundle.
+    Rollback {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Open a bundle, check its files against the manifest's hashes and its signature against trusted keys.
     Verify {
         /// Bundle directory.
@@ -103,6 +157,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Model(ModelCommand::Install { source, store, activate }) => {
+            let s = store.open()?;
+            let b = s.install(&source).with_context(|| format!("installing {}", source.display()))?;
+            println!("installed {} in {}", b.label(), b.dir().display());
+            if activate {
+                let id = b.dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let (_, report) = s.activate(&id, &store.engine())?;
+                print_activation(&b.label(), &report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model(ModelCommand::List { store }) => {
+            for i in store.open()?.list()? {
+                println!(
+                    "{} {:<32} {:<5} signed by {}",
+                    if i.active { "*" } else { " " },
+                    i.id,
+                    i.precision,
+                    i.signed_by.as_deref().unwrap_or("(unverified)")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model(ModelCommand::Activate { id, store }) => {
+            let (_, report) = store.open()?.activate(&id, &store.engine())?;
+            print_activation(&id, &report);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model(ModelCommand::Rollback { store }) => {
+            let (id, _, report) = store.open()?.rollback(&store.engine())?;
+            print_activation(&id, &report);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_activation(what: &str, r: &SelfTestReport) {
+    match r.tolerance {
+        Some(t) => println!(
+            "activated {what}: golden set passed on {} ({} images, max |dp| {:.2e} <= {t})",
+            r.provider, r.golden_items, r.max_abs_diff
+        ),
+        None => println!("activated {what}: smoke test passed on {} (bundle has no golden set)", r.provider),
     }
 }
 

@@ -62,6 +62,13 @@ enum Command {
         /// PKCS#8 PEM private key to sign the bundle with (unsigned when omitted).
         #[arg(long)]
         signing_key: Option<PathBuf>,
+        /// Images for the golden set: their fp32 CPU probabilities become the reference every execution provider
+        /// must reproduce before the bundle may serve.
+        #[arg(long = "golden")]
+        golden: Vec<PathBuf>,
+        /// Largest probability difference the golden set allows (TF32 GPUs differ from fp32 CPUs by about 2e-3).
+        #[arg(long, default_value_t = 5e-3)]
+        golden_tolerance: f32,
         /// Bundle directory to create.
         #[arg(short, long)]
         output: PathBuf,
@@ -121,9 +128,27 @@ fn run(cmd: Command) -> Result<()> {
             );
             Ok(())
         }
-        Command::ExportImagenet { weights, classes, name, version, size, signing_key, output } => {
-            export_imagenet(weights, classes, name, version, size, signing_key, output)
-        }
+        Command::ExportImagenet {
+            weights,
+            classes,
+            name,
+            version,
+            size,
+            signing_key,
+            golden,
+            golden_tolerance,
+            output,
+        } => export_imagenet(ImagenetExport {
+            weights,
+            classes,
+            name,
+            version,
+            size,
+            signing_key,
+            golden,
+            golden_tolerance,
+            output,
+        }),
         Command::Keygen { stem } => {
             let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
             let (private, public) = bundle::write_keypair(&key, &stem)?;
@@ -155,15 +180,20 @@ fn imagenet_input(size: u32) -> InputSpec {
     }
 }
 
-fn export_imagenet(
+struct ImagenetExport {
     weights: PathBuf,
     classes: PathBuf,
     name: String,
     version: semver::Version,
     size: u32,
     signing_key: Option<PathBuf>,
+    golden: Vec<PathBuf>,
+    golden_tolerance: f32,
     output: PathBuf,
-) -> Result<()> {
+}
+
+fn export_imagenet(args: ImagenetExport) -> Result<()> {
+    let ImagenetExport { weights, classes, name, version, size, signing_key, golden, golden_tolerance, output } = args;
     let backbone = Backbone::load(&weights).with_context(|| format!("loading {}", weights.display()))?;
     let class_names: Vec<String> = std::fs::read_to_string(&classes)
         .with_context(|| format!("reading {}", classes.display()))?
@@ -214,7 +244,45 @@ fn export_imagenet(
         golden: None,
         evaluation: None,
     };
-    let b = bundle::write(&output, NewBundle { manifest, onnx: &onnx, golden: None, signing_key: key.as_ref() })?;
+    let golden = if golden.is_empty() {
+        None
+    } else {
+        Some(golden_set(&manifest, &onnx, &golden, golden_tolerance, tmp.path())?)
+    };
+    let b = bundle::write(&output, NewBundle { manifest, onnx: &onnx, golden, signing_key: key.as_ref() })?;
     eprintln!("wrote bundle {} to {}", b.label(), output.display());
     Ok(())
+}
+
+/// Reference probabilities for the golden images, computed with the exported graph on ONNX Runtime's CPU provider in
+/// fp32 — the same post-processing the daemon applies, so the self-test compares like with like.
+fn golden_set(
+    manifest: &Manifest,
+    onnx: &std::path::Path,
+    images: &[PathBuf],
+    tolerance: f32,
+    scratch: &std::path::Path,
+) -> Result<(Vec<(PathBuf, String)>, bundle::GoldenSet)> {
+    // Write an unsigned scratch bundle so the engine loads exactly what will ship.
+    let probe = bundle::write(
+        &scratch.join("probe"),
+        NewBundle { manifest: manifest.clone(), onnx, golden: None, signing_key: None },
+    )?;
+    let engine = attrd::engine::Engine::load(&probe, &attrd::engine::EngineConfig::cpu())?;
+    let pre = attrd::preprocess::Preprocessor::new(manifest.input.clone(), attrd::preprocess::Limits::default())?;
+    let mut files = Vec::new();
+    let mut items = Vec::new();
+    for (i, path) in images.iter().enumerate() {
+        let tensor = pre.prepare_path(path).with_context(|| format!("golden image {}", path.display()))?;
+        let out = engine.infer_blocking(pre.batch(&[tensor]))?;
+        let probs = out.probabilities(manifest).remove(0);
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("img").to_ascii_lowercase();
+        files.push((path.clone(), format!("{i:03}.{ext}")));
+        items.push(bundle::GoldenItem {
+            file: String::new(),
+            sha256: String::new(),
+            probabilities: manifest.heads.iter().map(|h| h.name.clone()).zip(probs).collect(),
+        });
+    }
+    Ok((files, bundle::GoldenSet { tolerance, items }))
 }

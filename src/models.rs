@@ -1,0 +1,319 @@
+//! The node's model store: installed bundle versions, which one is active, and the self-test that guards activation.
+//!
+//! Layout under the models directory (this module and `bundle` are the only code that knows it):
+//! `<name>-<version>/` per installed bundle, and `state.json` naming the active bundle and the activation history.
+//! `state.json` is replaced atomically, so a crash mid-activation leaves either the old or the new state.
+
+use crate::bundle::{self, Bundle, BundleError, SignatureStatus, TrustedKeys};
+use crate::engine::{Engine, EngineConfig, EngineError, postprocess};
+use crate::preprocess::{Limits, PreprocessError, Preprocessor};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+const STATE_FILE: &str = "state.json";
+/// How many previous activations `rollback` can go back through.
+const HISTORY: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no installed bundle is called {0:?} (see `attrd model list`)")]
+    NotInstalled(String),
+    #[error("{0} is already installed")]
+    AlreadyInstalled(String),
+    #[error("no model is active")]
+    NoneActive,
+    #[error("nothing to roll back to: no previous activation is recorded")]
+    NoPrevious,
+    #[error("cannot load {label}: {source}")]
+    Engine {
+        label: String,
+        #[source]
+        source: EngineError,
+    },
+    #[error("{label} failed its self-test on {provider}: {reason}")]
+    SelfTest { label: String, provider: String, reason: String },
+    #[error("state file {path} is corrupt: {reason}")]
+    State { path: PathBuf, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+    move |source| ModelError::Io { path: path.to_path_buf(), source }
+}
+
+/// Which bundle serves, and what served before it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// Directory name of the active bundle (`<name>-<version>`).
+    pub active: Option<String>,
+    /// Previously active bundles, most recent first.
+    pub previous: Vec<String>,
+}
+
+/// One installed bundle, as `attrd model list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Installed {
+    pub id: String,
+    pub label: String,
+    pub precision: String,
+    pub active: bool,
+    pub signed_by: Option<String>,
+}
+
+/// Result of running a bundle's golden set (or smoke test) on a loaded engine.
+#[derive(Debug, Clone, Serialize)]
+pub struct SelfTestReport {
+    pub provider: String,
+    /// Golden images checked (0 when the bundle has no golden set and only the smoke test ran).
+    pub golden_items: usize,
+    /// Largest probability difference seen against the golden references.
+    pub max_abs_diff: f32,
+    pub tolerance: Option<f32>,
+}
+
+/// The models directory of a node.
+#[derive(Debug, Clone)]
+pub struct ModelStore {
+    dir: PathBuf,
+    trusted: TrustedKeys,
+    allow_unsigned: bool,
+}
+
+impl ModelStore {
+    /// `allow_unsigned` exists for development setups only; configuration validation refuses it in production mode.
+    pub fn open(dir: impl Into<PathBuf>, trusted: TrustedKeys, allow_unsigned: bool) -> Result<Self, ModelError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        Ok(Self { dir, trusted, allow_unsigned })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn verify(&self, b: &Bundle) -> Result<Option<String>, ModelError> {
+        match b.verify(&self.trusted) {
+            Ok(SignatureStatus::Verified { key_id }) => Ok(Some(key_id)),
+            Ok(SignatureStatus::NotChecked) => Ok(None),
+            Err(BundleError::Unsigned) if self.allow_unsigned => {
+                tracing::warn!(bundle = %b.label(), "accepting an unsigned bundle (allow_unsigned is set)");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Installs a bundle directory or `.tar` into the store after checking hashes and signature. Does not activate it.
+    pub fn install(&self, src: &Path) -> Result<Bundle, ModelError> {
+        let meta = std::fs::metadata(src).map_err(io_err(src))?;
+        if meta.is_dir() {
+            let b = Bundle::open(src)?;
+            self.verify(&b)?;
+            let id = bundle_id(&b);
+            if self.dir.join(&id).exists() {
+                return Err(ModelError::AlreadyInstalled(b.label()));
+            }
+            // Re-pack through the archive path: one code path for what enters the store, with all its checks.
+            let tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io_err(&self.dir))?;
+            bundle::pack_tar(&b, tmp.path())?;
+            let f = std::fs::File::open(tmp.path()).map_err(io_err(tmp.path()))?;
+            let installed = bundle::unpack_tar(f, &self.dir)?;
+            tracing::info!(bundle = %installed.label(), "bundle installed");
+            Ok(installed)
+        } else {
+            let f = std::fs::File::open(src).map_err(io_err(src))?;
+            self.install_tar(f)
+        }
+    }
+
+    /// Installs a bundle archive from any reader (file, HTTP body, MQTT payload).
+    pub fn install_tar(&self, archive: impl std::io::Read) -> Result<Bundle, ModelError> {
+        let b = bundle::unpack_tar(archive, &self.dir).map_err(|e| match e {
+            BundleError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                ModelError::AlreadyInstalled("this bundle version".into())
+            }
+            other => other.into(),
+        })?;
+        if let Err(e) = self.verify(&b) {
+            // An untrusted bundle must not stay where `activate` could find it.
+            let _ = std::fs::remove_dir_all(b.dir());
+            return Err(e);
+        }
+        tracing::info!(bundle = %b.label(), "bundle installed");
+        Ok(b)
+    }
+
+    pub fn state(&self) -> Result<State, ModelError> {
+        let path = self.dir.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| ModelError::State { path: path.clone(), reason: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(source) => Err(ModelError::Io { path, source }),
+        }
+    }
+
+    fn write_state(&self, state: &State) -> Result<(), ModelError> {
+        let path = self.dir.join(STATE_FILE);
+        let tmp = self.dir.join(".state.json.tmp");
+        let bytes = serde_json::to_vec_pretty(state)
+            .map_err(|e| ModelError::State { path: path.clone(), reason: e.to_string() })?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+            f.write_all(&bytes).map_err(io_err(&tmp))?;
+            f.sync_all().map_err(io_err(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+
+    /// Opens and re-verifies an installed bundle by id (`<name>-<version>`).
+    pub fn get(&self, id: &str) -> Result<Bundle, ModelError> {
+        if id.contains(['/', '\\']) || id.starts_with('.') {
+            return Err(ModelError::NotInstalled(id.into()));
+        }
+        let dir = self.dir.join(id);
+        if !dir.is_dir() {
+            return Err(ModelError::NotInstalled(id.into()));
+        }
+        let b = Bundle::open(&dir)?;
+        self.verify(&b)?;
+        Ok(b)
+    }
+
+    /// The active bundle, verified.
+    pub fn active(&self) -> Result<Bundle, ModelError> {
+        let id = self.state()?.active.ok_or(ModelError::NoneActive)?;
+        self.get(&id)
+    }
+
+    pub fn list(&self) -> Result<Vec<Installed>, ModelError> {
+        let active = self.state()?.active;
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let e = e.map_err(io_err(&self.dir))?;
+            let id = e.file_name().to_string_lossy().into_owned();
+            if id.starts_with('.') || !e.path().is_dir() {
+                continue;
+            }
+            match Bundle::open(e.path()) {
+                Ok(b) => out.push(Installed {
+                    active: active.as_deref() == Some(id.as_str()),
+                    signed_by: self.verify(&b).ok().flatten(),
+                    label: b.label(),
+                    precision: b.manifest().precision.as_str().into(),
+                    id,
+                }),
+                Err(err) => tracing::warn!(dir = %e.path().display(), error = %err, "not a valid bundle; ignored"),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Loads the bundle on the configured providers, runs its self-test there, and only then records it as active.
+    /// Returns the ready engine so a running daemon can swap it in.
+    pub fn activate(&self, id: &str, cfg: &EngineConfig) -> Result<(Engine, SelfTestReport), ModelError> {
+        let b = self.get(id)?;
+        let (engine, report) = load_and_test(&b, cfg)?;
+        let mut state = self.state()?;
+        if state.active.as_deref() != Some(id) {
+            if let Some(old) = state.active.take() {
+                state.previous.retain(|p| p != &old);
+                state.previous.insert(0, old);
+                state.previous.truncate(HISTORY);
+            }
+            state.previous.retain(|p| p != id);
+            state.active = Some(id.to_string());
+            self.write_state(&state)?;
+        }
+        tracing::info!(bundle = %b.label(), provider = %report.provider, "bundle activated");
+        Ok((engine, report))
+    }
+
+    /// Re-activates the most recent previous bundle that is still installed.
+    pub fn rollback(&self, cfg: &EngineConfig) -> Result<(String, Engine, SelfTestReport), ModelError> {
+        let state = self.state()?;
+        let target =
+            state.previous.iter().find(|p| self.dir.join(p).is_dir()).cloned().ok_or(ModelError::NoPrevious)?;
+        let (engine, report) = self.activate(&target, cfg)?;
+        // activate() pushed the rolled-back-from bundle onto the history; a rollback should not bounce back to it.
+        let mut s = self.state()?;
+        if let Some(from) = state.active {
+            s.previous.retain(|p| p != &from);
+            s.previous.push(from);
+            self.write_state(&s)?;
+        }
+        Ok((target, engine, report))
+    }
+}
+
+fn bundle_id(b: &Bundle) -> String {
+    format!("{}-{}", b.manifest().name, b.manifest().version)
+}
+
+/// Loads a bundle and runs its self-test on the providers it actually got.
+pub fn load_and_test(b: &Bundle, cfg: &EngineConfig) -> Result<(Engine, SelfTestReport), ModelError> {
+    let engine = Engine::load(b, cfg).map_err(|source| ModelError::Engine { label: b.label(), source })?;
+    let report = self_test(b, &engine)?;
+    Ok((engine, report))
+}
+
+/// Runs the bundle's golden set on `engine` and compares the probabilities with the references; without a golden set,
+/// runs a smoke test (a mid-grey image must give finite probabilities). NaN outputs fail either way.
+pub fn self_test(b: &Bundle, engine: &Engine) -> Result<SelfTestReport, ModelError> {
+    let provider = engine.providers().active.to_string();
+    let fail = |reason: String| ModelError::SelfTest { label: b.label(), provider: provider.clone(), reason };
+    let m = b.manifest();
+    let pre = Preprocessor::new(m.input.clone(), Limits::default()).map_err(|e| fail(e.to_string()))?;
+    let golden = b.golden()?;
+    let Some(set) = golden else {
+        let grey = image::RgbImage::from_pixel(m.input.width, m.input.height, image::Rgb([128, 128, 128]));
+        let out = engine.infer_blocking(pre.batch(&[pre.to_tensor(&grey)])).map_err(|e| fail(e.to_string()))?;
+        for p in out.probabilities(m).iter().flatten() {
+            if p.iter().any(|v| !v.is_finite()) {
+                return Err(fail("non-finite probabilities on the smoke-test image".into()));
+            }
+        }
+        return Ok(SelfTestReport { provider, golden_items: 0, max_abs_diff: 0.0, tolerance: None });
+    };
+    let mut max_diff = 0f32;
+    for chunk in set.items.chunks(16) {
+        let tensors = chunk
+            .iter()
+            .map(|item| pre.prepare_path(&b.golden_image_path(item)))
+            .collect::<Result<Vec<_>, PreprocessError>>()
+            .map_err(|e| fail(format!("golden image: {e}")))?;
+        let out = engine.infer_blocking(pre.batch(&tensors)).map_err(|e| fail(e.to_string()))?;
+        for (item, probs) in chunk.iter().zip(out.probabilities(m)) {
+            for (head, p) in m.heads.iter().zip(&probs) {
+                let want = &item.probabilities[&head.name];
+                let d = p.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                if !d.is_finite() || d > set.tolerance {
+                    let got = postprocess::top_k_indices(p, 1)[0];
+                    let exp = postprocess::top_k_indices(want, 1)[0];
+                    return Err(fail(format!(
+                        "{} head {:?}: probabilities differ by {d} (tolerance {}); top-1 {:?} vs reference {:?}",
+                        item.file, head.name, set.tolerance, head.classes[got], head.classes[exp]
+                    )));
+                }
+                max_diff = max_diff.max(d);
+            }
+        }
+    }
+    Ok(SelfTestReport {
+        provider,
+        golden_items: set.items.len(),
+        max_abs_diff: max_diff,
+        tolerance: Some(set.tolerance),
+    })
+}

@@ -1,0 +1,113 @@
+//! The model store: install, verify, self-test on the target provider, activate, roll back.
+
+use crate::common::{imagenet_bundle, repo};
+use attrd::bundle::{self, Bundle, NewBundle, TrustedKeys};
+use attrd::engine::EngineConfig;
+use attrd::models::{ModelError, ModelStore};
+use ed25519_dalek::SigningKey;
+use std::path::{Path, PathBuf};
+
+fn demo_keys() -> TrustedKeys {
+    TrustedKeys::from_files([repo().join("config/keys/attrd-demo.pub")]).unwrap()
+}
+
+fn test_key() -> SigningKey {
+    SigningKey::from_bytes(&[42; 32])
+}
+
+/// A copy of the ImageNet bundle under another version, optionally with its golden references altered.
+fn variant(dir: &Path, version: &str, signer: Option<&SigningKey>, skew_golden: f32) -> PathBuf {
+    let src = Bundle::open(imagenet_bundle()).unwrap();
+    let mut m = src.manifest().clone();
+    m.version = version.parse().unwrap();
+    let mut set = src.golden().unwrap().expect("the ImageNet bundle ships a golden set");
+    let images: Vec<(PathBuf, String)> = set
+        .items
+        .iter()
+        .map(|i| (src.golden_image_path(i), i.file.trim_start_matches("golden/").to_string()))
+        .collect();
+    for item in &mut set.items {
+        for p in item.probabilities.values_mut() {
+            p[0] += skew_golden;
+        }
+    }
+    let out = dir.join(format!("src-{version}"));
+    bundle::write(
+        &out,
+        NewBundle { manifest: m, onnx: &src.onnx_path(), golden: Some((images, set)), signing_key: signer },
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn install_activate_self_test_and_rollback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = TrustedKeys::new([demo_keys_key(), test_key().verifying_key()]);
+    let store = ModelStore::open(tmp.path().join("models"), keys, false).unwrap();
+    let cfg = EngineConfig::cpu();
+
+    let v1 = store.install(&imagenet_bundle()).unwrap();
+    assert_eq!(v1.label(), "imagenet-lite0@1.0.0");
+    assert!(matches!(store.active(), Err(ModelError::NoneActive)));
+    let (_, report) = store.activate("imagenet-lite0-1.0.0", &cfg).unwrap();
+    assert_eq!(report.golden_items, 4);
+    assert!(report.max_abs_diff <= 1e-5, "CPU reproduces its own references: {}", report.max_abs_diff);
+    assert_eq!(report.provider, "cpu");
+
+    // v2 arrives as a tar (how bundles are shipped) and is activated; v1 becomes the rollback target.
+    let v2_dir = variant(tmp.path(), "1.1.0", Some(&test_key()), 0.0);
+    let tar = tmp.path().join("v2.tar");
+    bundle::pack_tar(&Bundle::open(&v2_dir).unwrap(), &tar).unwrap();
+    store.install(&tar).unwrap();
+    store.activate("imagenet-lite0-1.1.0", &cfg).unwrap();
+    assert_eq!(store.state().unwrap().active.as_deref(), Some("imagenet-lite0-1.1.0"));
+    assert_eq!(store.state().unwrap().previous, vec!["imagenet-lite0-1.0.0".to_string()]);
+    let list = store.list().unwrap();
+    assert_eq!(list.iter().filter(|i| i.active).map(|i| i.id.as_str()).collect::<Vec<_>>(), ["imagenet-lite0-1.1.0"]);
+
+    let (back, _, _) = store.rollback(&cfg).unwrap();
+    assert_eq!(back, "imagenet-lite0-1.0.0");
+    assert_eq!(store.active().unwrap().label(), "imagenet-lite0@1.0.0");
+    assert!(matches!(store.install(&imagenet_bundle()), Err(ModelError::AlreadyInstalled(_))));
+}
+
+fn demo_keys_key() -> ed25519_dalek::VerifyingKey {
+    bundle::read_public_key(&repo().join("config/keys/attrd-demo.pub")).unwrap()
+}
+
+#[test]
+fn a_bundle_that_fails_its_golden_set_is_refused_and_the_old_one_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(
+        tmp.path().join("models"),
+        TrustedKeys::new([demo_keys_key(), test_key().verifying_key()]),
+        false,
+    )
+    .unwrap();
+    let cfg = EngineConfig::cpu();
+    store.install(&imagenet_bundle()).unwrap();
+    store.activate("imagenet-lite0-1.0.0", &cfg).unwrap();
+    // References off by 0.05: as if the model had been quantized badly or the provider computed something else.
+    store.install(&variant(tmp.path(), "2.0.0", Some(&test_key()), 0.05)).unwrap();
+    let err = store.activate("imagenet-lite0-2.0.0", &cfg).unwrap_err();
+    assert!(matches!(err, ModelError::SelfTest { .. }), "{err}");
+    assert!(err.to_string().contains("tolerance"), "{err}");
+    assert_eq!(store.active().unwrap().label(), "imagenet-lite0@1.0.0");
+}
+
+#[test]
+fn unsigned_and_untrusted_bundles_are_not_installed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(tmp.path().join("models"), demo_keys(), false).unwrap();
+    let unsigned = variant(tmp.path(), "3.0.0", None, 0.0);
+    assert!(matches!(store.install(&unsigned), Err(ModelError::Bundle(attrd::bundle::BundleError::Unsigned))));
+    let foreign = variant(tmp.path(), "3.0.1", Some(&test_key()), 0.0);
+    let err = store.install(&foreign).unwrap_err();
+    assert!(err.to_string().contains("not trusted"), "{err}");
+    // Through the archive path too, and nothing is left behind.
+    let tar = tmp.path().join("foreign.tar");
+    bundle::pack_tar(&Bundle::open(&foreign).unwrap(), &tar).unwrap();
+    assert!(store.install(&tar).is_err());
+    assert!(store.list().unwrap().is_empty());
+}
