@@ -23,11 +23,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: capture, infer, publish (what the systemd unit starts).
+    Run {
+        /// Configuration file (`conf.d/*.toml` beside it and `ATTRD__…` variables are layered on top).
+        #[arg(long, default_value = attrd::config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Run a bundle on image files and print one JSON object per image.
     Infer(InferArgs),
     /// Inspect and check model bundles.
     #[command(subcommand)]
     Model(ModelCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load and validate a configuration without touching the network; prints the effective settings.
+    Check {
+        #[arg(long, default_value = attrd::config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -123,9 +141,14 @@ enum ModelCommand {
     },
 }
 
+mod daemon;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    if let Command::Run { config } = &cli.command {
+        return run_daemon(config.clone());
+    }
+    init_logging(&cli.log, attrd::config::LogFormat::Text);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -135,14 +158,52 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: attrd::config::LogFormat) {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        attrd::config::LogFormat::Text => fmt.init(),
+        attrd::config::LogFormat::Json => fmt.json().init(),
+    }
+}
+
+fn run_daemon(config: PathBuf) -> ExitCode {
+    let cfg = match attrd::config::Config::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("attrd: error: {}: {e:#}", config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let filter = std::env::var("ATTRD_LOG").unwrap_or_else(|_| cfg.log.filter.clone());
+    init_logging(&filter, cfg.log.format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("attrd").build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("attrd: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(daemon::run(config, cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "attrd failed");
+            eprintln!("attrd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Run { .. } => unreachable!("handled in main"),
+        Command::Config(ConfigCommand::Check { config }) => {
+            let cfg = attrd::config::Config::load(&config)?;
+            println!("{}: ok", config.display());
+            println!("{cfg:#?}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Infer(args) => infer(args),
         Command::Model(ModelCommand::Verify { bundle, trusted_keys, allow_unsigned }) => {
             let b = open_bundle(&bundle, &trusted_keys, allow_unsigned)?;

@@ -2,5 +2,13 @@
 mod bundle;
 mod cli;
 mod common;
+mod daemon;
 mod engine;
+mod http;
+mod models;
+mod mqtt;
+mod outbox;
+mod pipeline;
 mod preprocess;
+mod sources;
+mod systemd;

@@ -1,0 +1,236 @@
+//! The daemon's configuration: defaults → `/etc/attrd/attrd.toml` → `/etc/attrd/conf.d/*.toml` (in name order) →
+//! environment (`ATTRD__MQTT__HOST=broker` sets `mqtt.host`). Every section rejects unknown keys, so a typo is an
+//! error at start-up instead of a silently ignored setting. Loading and validation never touch the network.
+
+use crate::engine::EngineConfig;
+use crate::http::HttpConfig;
+use crate::mqtt::MqttConfig;
+use crate::outbox::OutboxConfig;
+use crate::pipeline::PipelineConfig;
+use crate::sources::SourceConfig;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Where `attrd run` looks when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/attrd/attrd.toml";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Parse(#[from] config::ConfigError),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// ONNX Runtime: execution providers in order, threads, library path.
+    pub engine: EngineConfig,
+    /// The model store and whom it trusts.
+    pub models: ModelsConfig,
+    /// Batching, queues and multi-view fusion.
+    pub pipeline: PipelineConfig,
+    /// Capture sources (`[[sources]]` tables with `type = "hotfolder"` or `"v4l2"`).
+    pub sources: Vec<SourceConfig>,
+    /// The durable on-disk queue between inference and MQTT.
+    pub outbox: OutboxConfig,
+    /// The MQTT broker and topic tree.
+    pub mqtt: MqttConfig,
+    /// HTTP API, health and metrics endpoints.
+    pub http: HttpConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Conveniences for demos and tests (a private broker, sample photos); leave unset in production.
+    pub demo: DemoConfig,
+    /// How long a graceful shutdown may take before in-flight work is abandoned (it stays in the outbox or source).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: std::time::Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            engine: EngineConfig::default(),
+            models: ModelsConfig::default(),
+            pipeline: PipelineConfig::default(),
+            sources: Vec::new(),
+            outbox: OutboxConfig::default(),
+            mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
+            log: LogConfig::default(),
+            demo: DemoConfig::default(),
+            shutdown_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// Directory of installed bundles and `state.json`.
+    pub dir: PathBuf,
+    /// PEM public keys trusted to sign bundles. At least one is required: the daemon never runs unsigned models.
+    pub trusted_keys: Vec<PathBuf>,
+    /// A bundle (directory or `.tar`) installed and activated at start-up when no model is active yet, so a fresh box
+    /// comes up serving. It must be signed by a trusted key like any other bundle.
+    pub bootstrap: Option<PathBuf>,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self { dir: PathBuf::from("/var/lib/attrd/models"), trusted_keys: Vec::new(), bootstrap: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (journald adds its own timestamps).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `attrd=debug,ort=warn`; `ATTRD_LOG` overrides it.
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { filter: "info,ort=warn".into(), format: LogFormat::Text }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DemoConfig {
+    /// Start a private mosquitto on `mqtt.host:mqtt.port` (which must be a loopback address) and stop it on exit.
+    pub spawn_broker: bool,
+    /// The mosquitto executable.
+    pub mosquitto: PathBuf,
+    /// Copy the photos in this directory into the first hot folder at start-up.
+    pub seed_hotfolder: Option<PathBuf>,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        Self { spawn_broker: false, mosquitto: PathBuf::from("mosquitto"), seed_hotfolder: None }
+    }
+}
+
+impl Config {
+    /// Loads `path` (which must exist), the `conf.d/*.toml` directory beside it, then `ATTRD__…` environment variables.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        if !path.is_file() {
+            return Err(ConfigError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "configuration file not found"),
+            });
+        }
+        let mut b = config::Config::builder().add_source(config::File::from(path).format(config::FileFormat::Toml));
+        let conf_d = path.with_file_name("conf.d");
+        if conf_d.is_dir() {
+            let mut parts: Vec<PathBuf> = std::fs::read_dir(&conf_d)
+                .map_err(|source| ConfigError::Io { path: conf_d.clone(), source })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect();
+            parts.sort();
+            for p in parts {
+                b = b.add_source(config::File::from(p).format(config::FileFormat::Toml));
+            }
+        }
+        // A double underscore after the prefix too, so `ATTRD_LOG` (a CLI flag's variable) is not read as a key.
+        b = b.add_source(
+            config::Environment::with_prefix("ATTRD").prefix_separator("__").separator("__").try_parsing(true),
+        );
+        let mut cfg: Config = b.build()?.try_deserialize()?;
+        cfg.resolve_relative(path.parent().unwrap_or(Path::new(".")));
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Relative paths in a config file are relative to that file, so a config and its keys can travel together.
+    fn resolve_relative(&mut self, base: &Path) {
+        // Absolute and free of `..`: file watchers report canonical paths, and logs should name real places.
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = normalize(&base.join(&*p));
+            }
+        };
+        fix(&mut self.models.dir);
+        if let Some(p) = self.engine.ort_library.as_mut() {
+            fix(p);
+        }
+        self.models.trusted_keys.iter_mut().for_each(fix);
+        if let Some(p) = self.models.bootstrap.as_mut() {
+            fix(p);
+        }
+        fix(&mut self.outbox.path);
+        if let Some(p) = self.demo.seed_hotfolder.as_mut() {
+            fix(p);
+        }
+        for s in &mut self.sources {
+            if let SourceConfig::Hotfolder(h) = s {
+                fix(&mut h.dir);
+                h.done_dir.iter_mut().for_each(fix);
+                h.failed_dir.iter_mut().for_each(fix);
+            }
+        }
+    }
+
+    /// Checks what can be checked without the network or the GPU.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.models.trusted_keys.is_empty() {
+            return bad("models.trusted_keys is empty: list the public key(s) that sign your bundles".into());
+        }
+        for k in &self.models.trusted_keys {
+            crate::bundle::read_public_key(k).map_err(|e| ConfigError::Invalid(format!("models.trusted_keys: {e}")))?;
+        }
+        if let Some(b) = &self.models.bootstrap
+            && !b.exists()
+        {
+            return bad(format!("models.bootstrap {} does not exist", b.display()));
+        }
+        self.pipeline.validate().map_err(|e| ConfigError::Invalid(format!("pipeline: {e}")))?;
+        self.mqtt.validate().map_err(|e| ConfigError::Invalid(format!("mqtt: {e}")))?;
+        if self.demo.spawn_broker && !matches!(self.mqtt.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
+            return bad(format!("demo.spawn_broker needs mqtt.host on loopback, not {:?}", self.mqtt.host));
+        }
+        if self.engine.providers.is_empty() {
+            return bad("engine.providers is empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Removes `.` and `..` components without touching the file system (the path may not exist yet).
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}

@@ -1,0 +1,481 @@
+//! `attrd run`: wires sources → pipeline → outbox → MQTT, the HTTP API, the model store, systemd and signals.
+//!
+//! Start-up order is chosen so that nothing is accepted before it can be kept: the model is loaded and self-tested,
+//! the outbox opened and the publisher started before any source runs, and systemd hears `READY=1` only then.
+//! Shutdown runs the other way: sources stop, the pipeline drains into the outbox, the publisher flushes and says
+//! `stopped`.
+
+use anyhow::{Context, Result, bail};
+use arc_swap::ArcSwap;
+use attrd::bundle::{Bundle, TrustedKeys};
+use attrd::config::Config;
+use attrd::engine::Engine;
+use attrd::http::{self, CaptureAccepted, CaptureRefusal, CaptureRequest, EngineSource, HttpState};
+use attrd::metrics::Metrics;
+use attrd::models::{self, ModelError, ModelStore};
+use attrd::mqtt::{IncomingCommand, Publisher, PublisherHandle, Topics};
+use attrd::outbox::Outbox;
+use attrd::pipeline::{Finished, Pipeline};
+use attrd::sources::{self, ShutdownSignal, Trigger};
+use attrd::systemd::{Heartbeat, Notifier};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+
+/// How often the retained status message is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+pub async fn run(config_path: PathBuf, cfg: Config) -> Result<()> {
+    let started = Instant::now();
+    let notifier = Notifier::from_env();
+    notifier.status("starting");
+    attrd::mqtt::install_crypto_provider();
+    let node = cfg.mqtt.node_name();
+    let _broker = if cfg.demo.spawn_broker {
+        Some(SpawnedBroker::start(&cfg).context("starting the demo broker")?)
+    } else {
+        None
+    };
+    seed_demo_images(&cfg)?;
+
+    // The model first: without one that passed its self-test there is nothing to serve.
+    let store = open_store(&cfg)?;
+    // Activation self-tests the model, which blocks on the inference thread: keep it off the async workers.
+    let (s, c) = (store.clone(), cfg.clone());
+    tokio::task::spawn_blocking(move || bootstrap(&s, &c)).await.context("bootstrap thread")??;
+    let active = store.active().context("no model is active; install one with `attrd model install --activate`")?;
+    notifier.status(&format!("self-testing {}", active.label()));
+    let (engine, report) = load_and_test(active.clone(), &cfg).await?;
+    tracing::info!(model = %active.label(), provider = %report.provider, golden = report.golden_items,
+        max_abs_diff = report.max_abs_diff, "model ready");
+    let metrics = Metrics::new();
+    metrics.set_model(&engine);
+    let engine = Arc::new(ArcSwap::from_pointee(engine));
+    let current_bundle = Arc::new(std::sync::Mutex::new(active));
+
+    let outbox = Outbox::open(&cfg.outbox).context("opening the outbox")?;
+    let (publisher, commands) = Publisher::start(&cfg.mqtt, outbox.clone()).context("starting MQTT")?;
+    let mqtt = publisher.handle();
+    let topics = publisher.topics().clone();
+    publish_model_state(&mqtt, &topics, &engine.load(), &report);
+
+    let (finished_tx, finished_rx) = mpsc::channel::<Finished>(cfg.pipeline.queue.max(1));
+    let pipeline = Pipeline::spawn(engine.clone(), cfg.pipeline.clone(), node.clone(), finished_tx)
+        .context("starting the pipeline")?;
+    let heartbeat = Heartbeat::new();
+    let writer =
+        tokio::spawn(outbox_writer(finished_rx, outbox.clone(), topics.clone(), metrics.clone(), heartbeat.clone()));
+
+    let built = sources::build(&cfg.sources).context("configuring sources")?;
+    let triggers = built.triggers;
+    let stop_sources = ShutdownSignal::new();
+    let sources_task = tokio::spawn(sources::run_all(built.sources, pipeline.shots.clone(), stop_sources.subscribe()));
+
+    let (capture_tx, capture_rx) = mpsc::channel::<CaptureRequest>(16);
+    let capture_task = tokio::spawn(route_captures(capture_rx, triggers));
+    let commands_task = tokio::spawn(handle_commands(commands, mqtt.clone(), capture_tx.clone()));
+
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let (http_stop_tx, mut http_stop_rx) = watch::channel(false);
+    let http_task = if cfg.http.enabled {
+        let e = engine.clone();
+        let source: EngineSource = Arc::new(move || Some(e.load_full()));
+        let state = HttpState::new(&cfg.http, source, metrics.clone(), ready_rx)?
+            .with_capture(capture_tx.clone())
+            .with_limits(cfg.pipeline.limits);
+        let listener = http::bind(&cfg.http).await.context("binding the HTTP API")?;
+        let stop = async move {
+            let _ = http_stop_rx.wait_for(|s| *s).await;
+        };
+        Some(tokio::spawn(http::serve_on(listener, http::router(state), stop)))
+    } else {
+        None
+    };
+    drop(capture_tx);
+
+    let status_task = tokio::spawn(publish_status(
+        mqtt.clone(),
+        topics.clone(),
+        engine.clone(),
+        outbox.clone(),
+        publisher.state(),
+        metrics.clone(),
+        started,
+    ));
+    let (wd_stop, wd_stop_rx) = watch::channel(false);
+    let watchdog = notifier.watchdog_interval().map(|interval| {
+        tokio::spawn(idle_self_inference(engine.clone(), heartbeat.clone(), interval, wd_stop_rx.clone()));
+        tokio::spawn(attrd::systemd::run_watchdog(notifier, heartbeat.clone(), interval, async move {
+            let mut rx = wd_stop_rx;
+            let _ = rx.wait_for(|s| *s).await;
+        }))
+    });
+
+    let _ = ready_tx.send(true);
+    heartbeat.beat();
+    notifier.ready();
+    let label = current_bundle.lock().map(|b| b.label()).unwrap_or_default();
+    notifier.status(&format!("serving {label} on {}", engine.load().providers().active));
+    tracing::info!(node = %node, startup_ms = started.elapsed().as_millis() as u64, "attrd ready");
+
+    // Signals: TERM/INT stop, HUP reloads config and the model store's active bundle.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                notifier.reloading();
+                if let Err(e) = reload(&config_path, &engine, &current_bundle, &metrics, &mqtt, &topics).await {
+                    tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration and model stay");
+                }
+                notifier.ready();
+            }
+        }
+    }
+
+    // Graceful shutdown, bounded by the configured deadline.
+    tracing::info!("shutting down");
+    notifier.stopping();
+    let _ = ready_tx.send(false);
+    let drain = async {
+        stop_sources.trigger();
+        let _ = sources_task.await;
+        // The pipeline ends once every sender of shots is gone: sources are done, drop ours.
+        let Pipeline { shots, task, .. } = pipeline;
+        drop(shots);
+        let _ = task.await;
+        let _ = writer.await;
+        publisher.shutdown().await;
+    };
+    if tokio::time::timeout(cfg.shutdown_timeout, drain).await.is_err() {
+        tracing::warn!(timeout = ?cfg.shutdown_timeout, "shutdown deadline passed; unfinished work stays in the sources and the outbox");
+    }
+    let _ = http_stop_tx.send(true);
+    let _ = wd_stop.send(true);
+    if let Some(h) = http_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+    }
+    drop(watchdog);
+    status_task.abort();
+    commands_task.abort();
+    capture_task.abort();
+    tracing::info!("attrd stopped");
+    Ok(())
+}
+
+fn open_store(cfg: &Config) -> Result<ModelStore> {
+    let keys = TrustedKeys::from_files(&cfg.models.trusted_keys).context("loading models.trusted_keys")?;
+    ModelStore::open(&cfg.models.dir, keys, false)
+        .with_context(|| format!("opening models directory {}", cfg.models.dir.display()))
+}
+
+/// Installs and activates `models.bootstrap` when nothing is active yet (a fresh box, the demo).
+fn bootstrap(store: &ModelStore, cfg: &Config) -> Result<()> {
+    if store.state()?.active.is_some() {
+        return Ok(());
+    }
+    let Some(src) = &cfg.models.bootstrap else { return Ok(()) };
+    let id = match store.install(src) {
+        Ok(b) => dir_name(b.dir()),
+        Err(ModelError::AlreadyInstalled(_)) => {
+            let b = Bundle::open(src)?;
+            format!("{}-{}", b.manifest().name, b.manifest().version)
+        }
+        Err(e) => return Err(e).with_context(|| format!("installing bootstrap bundle {}", src.display())),
+    };
+    store.activate(&id, &cfg.engine).with_context(|| format!("activating bootstrap bundle {id}"))?;
+    Ok(())
+}
+
+fn dir_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+async fn load_and_test(bundle: Bundle, cfg: &Config) -> Result<(Engine, models::SelfTestReport)> {
+    let engine_cfg = cfg.engine.clone();
+    let label = bundle.label();
+    tokio::task::spawn_blocking(move || models::load_and_test(&bundle, &engine_cfg))
+        .await
+        .context("model loading thread")?
+        .with_context(|| format!("loading {label}"))
+}
+
+/// Stores each finished result durably and tells the pipeline (and so the source) that it is safe.
+async fn outbox_writer(
+    mut rx: mpsc::Receiver<Finished>,
+    outbox: Outbox,
+    topics: Topics,
+    metrics: Metrics,
+    heartbeat: Heartbeat,
+) {
+    while let Some(f) = rx.recv().await {
+        // A result means the inference path is alive.
+        heartbeat.beat();
+        let outcome = async {
+            let topic = topics.result(&f.topic_sku).map_err(|e| e.to_string())?;
+            let payload = serde_json::to_value(&f.payload).map_err(|e| e.to_string())?;
+            outbox.enqueue(topic, payload, 1, false).await.map_err(|e| e.to_string())?;
+            Ok::<(), String>(())
+        }
+        .await;
+        if let Err(e) = &outcome {
+            metrics.error(attrd::metrics::ErrorKind::Outbox);
+            tracing::error!(sku = %f.payload.sku, error = %e, "result not stored; the source keeps the photo");
+        }
+        let d = outbox.depth();
+        metrics.set_outbox(d.messages, d.bytes);
+        let _ = f.durable.send(outcome);
+    }
+}
+
+/// Turns capture requests (HTTP or MQTT) into camera triggers.
+async fn route_captures(mut rx: mpsc::Receiver<CaptureRequest>, triggers: BTreeMap<String, mpsc::Sender<Trigger>>) {
+    while let Some(req) = rx.recv().await {
+        let result = if triggers.is_empty() {
+            Err(CaptureRefusal::NoCameras)
+        } else {
+            let wanted: Vec<String> =
+                if req.cameras.is_empty() { triggers.keys().cloned().collect() } else { req.cameras.clone() };
+            let unknown: Vec<String> = wanted.iter().filter(|c| !triggers.contains_key(*c)).cloned().collect();
+            if !unknown.is_empty() {
+                Err(CaptureRefusal::UnknownCameras { unknown, configured: triggers.keys().cloned().collect() })
+            } else {
+                let mut done = Vec::new();
+                let mut failed = None;
+                for c in &wanted {
+                    match triggers[c].try_send(Trigger { sku: req.sku.clone() }) {
+                        Ok(()) => done.push(c.clone()),
+                        Err(e) => failed = Some(format!("camera {c}: {e}")),
+                    }
+                }
+                match failed {
+                    Some(reason) if done.is_empty() => Err(CaptureRefusal::Unavailable(reason)),
+                    _ => Ok(CaptureAccepted { cameras: done }),
+                }
+            }
+        };
+        let _ = req.reply.send(result);
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaptureCommand {
+    sku: String,
+    #[serde(default)]
+    cameras: Vec<String>,
+}
+
+/// Commands arriving on `attrd/<node>/cmd/<kind>`; every one gets a reply on its response topic.
+async fn handle_commands(
+    mut rx: mpsc::Receiver<IncomingCommand>,
+    mqtt: PublisherHandle,
+    capture: mpsc::Sender<CaptureRequest>,
+) {
+    while let Some(cmd) = rx.recv().await {
+        let reply = match cmd.kind.as_str() {
+            "capture" => match serde_json::from_value::<CaptureCommand>(cmd.payload.clone()) {
+                Err(e) => {
+                    json!({"ok": false, "error": format!("malformed capture command: {e}; expected {{\"sku\": \"…\", \"cameras\": [\"…\"]}}")})
+                }
+                Ok(c) => match http::validate_sku(&c.sku) {
+                    Err(e) => json!({"ok": false, "error": e}),
+                    Ok(()) => {
+                        let sku = c.sku;
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let req = CaptureRequest { sku: sku.clone(), cameras: c.cameras, reply: tx };
+                        match capture.send(req).await {
+                            Err(_) => json!({"ok": false, "error": "capture is shutting down"}),
+                            Ok(()) => match rx.await {
+                                Ok(Ok(a)) => json!({"ok": true, "sku": sku, "cameras": a.cameras}),
+                                Ok(Err(r)) => json!({"ok": false, "error": r.to_string()}),
+                                Err(_) => json!({"ok": false, "error": "capture side did not answer"}),
+                            },
+                        }
+                    }
+                },
+            },
+            other => json!({"ok": false, "error": format!("unknown command {other:?}; known: capture")}),
+        };
+        if let Err(e) = mqtt.respond(cmd.response_topic.clone(), &reply) {
+            tracing::warn!(error = %e, "could not queue a command reply");
+        }
+    }
+}
+
+fn model_json(engine: &Engine) -> serde_json::Value {
+    let m = engine.manifest();
+    json!({
+        "name": m.name,
+        "version": m.version.to_string(),
+        "sha256": engine.model_sha256(),
+        "precision": m.precision.as_str(),
+        "execution_provider": engine.providers().active.as_str(),
+        "fallbacks": engine.providers().fallbacks,
+    })
+}
+
+fn publish_model_state(mqtt: &PublisherHandle, topics: &Topics, engine: &Engine, report: &models::SelfTestReport) {
+    let payload = json!({
+        "state": "active",
+        "model": model_json(engine),
+        "self_test": report,
+        "at": now_rfc3339(),
+    });
+    if let Err(e) = mqtt.publish_retained(topics.model_state(), &payload) {
+        tracing::warn!(error = %e, "could not queue the model state");
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+async fn publish_status(
+    mqtt: PublisherHandle,
+    topics: Topics,
+    engine: Arc<ArcSwap<Engine>>,
+    outbox: Outbox,
+    mut conn: watch::Receiver<attrd::mqtt::PublisherState>,
+    metrics: Metrics,
+    started: Instant,
+) {
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = conn.changed() => if changed.is_err() { return },
+        }
+        let connected = matches!(conn.borrow().connection, attrd::mqtt::Connection::Connected);
+        metrics.set_mqtt_connected(connected);
+        let d = outbox.depth();
+        metrics.set_outbox(d.messages, d.bytes);
+        let payload = json!({
+            "node": topics.node(),
+            "attrd_version": env!("CARGO_PKG_VERSION"),
+            "model": model_json(&engine.load()),
+            "uptime_s": started.elapsed().as_secs(),
+            "outbox": {"messages": d.messages, "bytes": d.bytes, "oldest_age_s": d.oldest_age.map(|a| a.as_secs())},
+            "at": now_rfc3339(),
+        });
+        let _ = mqtt.publish_retained(topics.status(), &payload);
+    }
+}
+
+/// While no photos arrive, a tiny inference keeps proving that the engine answers, so the watchdog only fires when
+/// the engine is really stuck.
+async fn idle_self_inference(
+    engine: Arc<ArcSwap<Engine>>,
+    heartbeat: Heartbeat,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval / 4);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !heartbeat.needs_self_test(interval) {
+            continue;
+        }
+        let e = engine.load_full();
+        let [a, b, c] = e.input_shape();
+        let batch = ndarray::Array4::<f32>::zeros((1, a, b, c));
+        match e.infer(batch).await {
+            Ok(_) => heartbeat.beat(),
+            Err(err) => tracing::error!(error = %err, "idle self-inference failed"),
+        }
+    }
+}
+
+/// SIGHUP: re-read the configuration (all or nothing; only the model selection is applied live, other changes are
+/// reported as needing a restart) and switch to the store's active bundle if it changed.
+async fn reload(
+    path: &Path,
+    engine: &Arc<ArcSwap<Engine>>,
+    current: &Arc<std::sync::Mutex<Bundle>>,
+    metrics: &Metrics,
+    mqtt: &PublisherHandle,
+    topics: &Topics,
+) -> Result<()> {
+    let cfg = Config::load(path).with_context(|| format!("re-reading {}", path.display()))?;
+    let store = open_store(&cfg)?;
+    let active = store.active()?;
+    let unchanged = current.lock().map(|b| b.dir() == active.dir()).unwrap_or(false);
+    if unchanged {
+        tracing::info!("configuration re-read; active model unchanged");
+        return Ok(());
+    }
+    let label = active.label();
+    let (new_engine, report) = load_and_test(active.clone(), &cfg).await?;
+    metrics.set_model(&new_engine);
+    // In-flight batches keep the engine they took; new batches get the new one.
+    engine.store(Arc::new(new_engine));
+    if let Ok(mut b) = current.lock() {
+        *b = active;
+    }
+    publish_model_state(mqtt, topics, &engine.load(), &report);
+    tracing::info!(model = %label, provider = %report.provider, "model swapped");
+    Ok(())
+}
+
+/// Copies the demo's sample photos into the first hot folder (demo configurations only).
+fn seed_demo_images(cfg: &Config) -> Result<()> {
+    let Some(src) = &cfg.demo.seed_hotfolder else { return Ok(()) };
+    let Some(dir) = cfg.sources.iter().find_map(|s| match s {
+        sources::SourceConfig::Hotfolder(h) => Some(h.dir.clone()),
+        _ => None,
+    }) else {
+        bail!("demo.seed_hotfolder is set but no hot folder is configured");
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut n = 0;
+    for e in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let p = e?.path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap_or_default()))?;
+            n += 1;
+        }
+    }
+    tracing::info!(images = n, dir = %dir.display(), "demo: hot folder seeded with sample photos");
+    Ok(())
+}
+
+/// A private mosquitto for the demo, stopped when the daemon exits.
+struct SpawnedBroker {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl SpawnedBroker {
+    fn start(cfg: &Config) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let conf = dir.path().join("mosquitto.conf");
+        let host = if cfg.mqtt.host == "localhost" { "127.0.0.1" } else { cfg.mqtt.host.as_str() };
+        std::fs::write(&conf, format!("listener {} {host}\nallow_anonymous true\npersistence false\n", cfg.mqtt.port))?;
+        let child = std::process::Command::new(&cfg.demo.mosquitto)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("running {} (install Debian's mosquitto)", cfg.demo.mosquitto.display()))?;
+        tracing::info!(port = cfg.mqtt.port, pid = child.id(), "demo broker started");
+        Ok(Self { child, _dir: dir })
+    }
+}
+
+impl Drop for SpawnedBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

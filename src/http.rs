@@ -1,0 +1,774 @@
+//! The HTTP API: synchronous inference on an uploaded image, capture triggers, health, readiness and metrics.
+//!
+//! | route | auth | what |
+//! |---|---|---|
+//! | `POST /v1/infer[?sku=…]` | token | body = image bytes (JPEG/PNG/WebP) → attributes as JSON |
+//! | `POST /v1/capture` | token | `{"sku": "…", "cameras": ["front"]}` → 202, cameras triggered |
+//! | `GET /metrics` | token | Prometheus text 0.0.4, or OpenMetrics when the scraper asks for it |
+//! | `GET /healthz`, `GET /v2/health/live` | open | the process is alive |
+//! | `GET /readyz`, `GET /v2/health/ready` | open | a model is loaded and passed its self-test |
+//!
+//! Every error is JSON `{"error": "<specific message>", "kind": "<machine-readable kind>"}` with a matching status.
+//! The module knows nothing about the rest of the daemon: it gets the current engine from a closure, readiness from a
+//! `watch` channel, and hands capture requests to whoever holds the other end of an `mpsc` channel.
+
+use crate::bundle::sha256_bytes;
+use crate::engine::{Attributes, Engine, EngineError};
+use crate::metrics::{ErrorKind, Metrics, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, Stage};
+use crate::preprocess::{Limits, PreprocessError, Preprocessor};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+/// Largest accepted `/v1/capture` body; the request is a few names.
+const MAX_CAPTURE_BODY: usize = 64 * 1024;
+/// Longest accepted SKU, in characters.
+pub const MAX_SKU_CHARS: usize = 128;
+
+/// `[http]` section of the daemon configuration.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Serve the HTTP API at all. Default `true`.
+    pub enabled: bool,
+    /// Address and port to listen on. Default `127.0.0.1:8080`: only local clients (and a reverse proxy) can reach
+    /// the API unless this is changed deliberately; set a token before binding to another address.
+    pub listen: SocketAddr,
+    /// Bearer token required on every route except the health/readiness probes (`Authorization: Bearer <token>`).
+    /// Prefer `token_file`, which keeps the secret out of the configuration file. Unset with `token_file` unset: no
+    /// authentication.
+    pub token: Option<String>,
+    /// File whose content (surrounding whitespace trimmed) is the bearer token, e.g. a systemd credential
+    /// (`$CREDENTIALS_DIRECTORY/http-token`). Mutually exclusive with `token`.
+    pub token_file: Option<PathBuf>,
+    /// Largest accepted request body (an uploaded image), in bytes; larger uploads get 413. Default 64 MiB.
+    pub max_body_bytes: usize,
+    /// `/v1/infer` requests processed at once; further ones wait (bounding the memory held by uploads). Default 4.
+    pub max_concurrent_infer: usize,
+    /// How long `/v1/capture` waits for the capture side to accept a trigger before answering 503. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub capture_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            token: None,
+            token_file: None,
+            max_body_bytes: 64 * 1024 * 1024,
+            max_concurrent_infer: 4,
+            capture_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+// The token must never reach a log line through `{:?}`.
+impl fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("enabled", &self.enabled)
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_concurrent_infer", &self.max_concurrent_infer)
+            .field("capture_timeout", &self.capture_timeout)
+            .finish()
+    }
+}
+
+impl HttpConfig {
+    /// Checks the numeric fields and returns the bearer token, if any (read from `token_file` when set).
+    pub fn resolve_token(&self) -> Result<Option<String>, HttpError> {
+        if self.max_body_bytes == 0 {
+            return Err(HttpError::Config("http.max_body_bytes is 0, must be at least 1".into()));
+        }
+        if self.max_concurrent_infer == 0 {
+            return Err(HttpError::Config("http.max_concurrent_infer is 0, must be at least 1".into()));
+        }
+        let (token, origin) = match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(HttpError::Config("http.token and http.token_file are both set; use one".into()));
+            }
+            (None, None) => return Ok(None),
+            (Some(t), None) => (t.trim().to_string(), "http.token".to_string()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| HttpError::TokenFile { path: path.clone(), source })?;
+                (text.trim().to_string(), format!("http.token_file {}", path.display()))
+            }
+        };
+        if token.is_empty() {
+            return Err(HttpError::Config(format!("the HTTP token ({origin}) is empty")));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(HttpError::Config(format!(
+                "the HTTP token ({origin}) must be printable ASCII without spaces (it travels in a header)"
+            )));
+        }
+        Ok(Some(token))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HttpError {
+    #[error("invalid HTTP configuration: {0}")]
+    Config(String),
+    #[error("cannot read the HTTP token file {}", .path.display())]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The engine serving right now; `None` while no model is loaded.
+pub type EngineSource = Arc<dyn Fn() -> Option<Arc<Engine>> + Send + Sync>;
+
+/// A capture trigger handed to the capture side.
+#[derive(Debug)]
+pub struct CaptureRequest {
+    /// Validated SKU the captured images belong to.
+    pub sku: String,
+    /// Camera names to trigger; empty means every configured camera.
+    pub cameras: Vec<String>,
+    /// Where to say what was triggered (or why not). Dropping it answers 503.
+    pub reply: oneshot::Sender<Result<CaptureAccepted, CaptureRefusal>>,
+}
+
+/// What a capture trigger started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureAccepted {
+    /// Cameras that were triggered.
+    pub cameras: Vec<String>,
+}
+
+/// Why the capture side refused a trigger.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaptureRefusal {
+    /// No camera is configured (503).
+    #[error("no cameras are configured")]
+    NoCameras,
+    /// Some requested cameras do not exist (400).
+    #[error("unknown camera(s): {}; configured: {}", .unknown.join(", "), .configured.join(", "))]
+    UnknownCameras { unknown: Vec<String>, configured: Vec<String> },
+    /// The cameras exist but cannot capture now (503), e.g. a device is gone.
+    #[error("capture unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Everything the routes need. Build with [`HttpState::new`], then the `with_*` methods.
+#[derive(Clone)]
+pub struct HttpState {
+    engine: EngineSource,
+    metrics: Metrics,
+    ready: watch::Receiver<bool>,
+    capture: Option<mpsc::Sender<CaptureRequest>>,
+    limits: Limits,
+    token: Option<Arc<str>>,
+    max_body_bytes: usize,
+    capture_timeout: Duration,
+    infer_slots: Arc<Semaphore>,
+    preprocessor: Arc<Mutex<Option<Preprocessor>>>,
+}
+
+impl HttpState {
+    /// `ready` is the daemon's readiness (the model passed its self-test); `/readyz` and `/v1/infer` also require
+    /// `engine` to return one. Reads `cfg.token_file` now, so a missing token file fails start-up.
+    pub fn new(
+        cfg: &HttpConfig,
+        engine: EngineSource,
+        metrics: Metrics,
+        ready: watch::Receiver<bool>,
+    ) -> Result<Self, HttpError> {
+        let token = cfg.resolve_token()?.map(Arc::from);
+        Ok(HttpState {
+            engine,
+            metrics,
+            ready,
+            capture: None,
+            limits: Limits::default(),
+            token,
+            max_body_bytes: cfg.max_body_bytes,
+            capture_timeout: cfg.capture_timeout,
+            infer_slots: Arc::new(Semaphore::new(cfg.max_concurrent_infer)),
+            preprocessor: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Where `/v1/capture` sends triggers; without it (no cameras), `/v1/capture` answers 503.
+    pub fn with_capture(mut self, tx: mpsc::Sender<CaptureRequest>) -> Self {
+        self.capture = Some(tx);
+        self
+    }
+
+    /// Size and pixel limits for uploaded images (default [`Limits::default`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    fn ready_engine(&self) -> Option<Arc<Engine>> {
+        if *self.ready.borrow() { (self.engine)() } else { None }
+    }
+
+    /// The preprocessor for `engine`'s input spec, rebuilt only when a swapped-in model has a different spec.
+    fn preprocessor(&self, engine: &Engine) -> Result<Preprocessor, PreprocessError> {
+        let spec = &engine.manifest().input;
+        // The cache is a plain value; a panic elsewhere cannot leave it inconsistent.
+        let mut cached = self.preprocessor.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = cached.as_ref().filter(|p| p.spec() == spec && *p.limits() == self.limits) {
+            return Ok(p.clone());
+        }
+        let p = Preprocessor::new(spec.clone(), self.limits)?;
+        *cached = Some(p.clone());
+        Ok(p)
+    }
+}
+
+/// The API's routes. Health and readiness probes stay open; the rest requires the bearer token when one is set.
+pub fn router(state: HttpState) -> Router {
+    let max_body = state.max_body_bytes;
+    let state = Arc::new(state);
+    let protected = Router::new()
+        .route("/v1/infer", post(infer))
+        .route("/v1/capture", post(capture).layer(DefaultBodyLimit::max(MAX_CAPTURE_BODY)))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let open = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v2/health/live", get(live))
+        .route("/readyz", get(readyz))
+        .route("/v2/health/ready", get(v2_ready));
+    Router::new()
+        .merge(protected)
+        .merge(open)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// Binds `cfg.listen`. Separate from [`serve_on`] so the daemon can fail start-up on a taken port before it reports
+/// ready.
+pub async fn bind(cfg: &HttpConfig) -> Result<TcpListener, HttpError> {
+    let listener =
+        TcpListener::bind(cfg.listen).await.map_err(|source| HttpError::Bind { addr: cfg.listen, source })?;
+    if !cfg.listen.ip().is_loopback() && cfg.token.is_none() && cfg.token_file.is_none() {
+        tracing::warn!(listen = %cfg.listen, "HTTP API reachable from the network without a token (set http.token_file)");
+    }
+    Ok(listener)
+}
+
+/// Binds `cfg.listen` and serves `router` until `shutdown` completes, then finishes the requests in flight.
+pub async fn serve(
+    cfg: &HttpConfig,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), HttpError> {
+    let listener = bind(cfg).await?;
+    serve_on(listener, router, shutdown).await
+}
+
+/// Serves `router` on an already bound listener until `shutdown` completes (graceful: requests in flight finish).
+pub async fn serve_on(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), HttpError> {
+    let addr = listener.local_addr().map_err(HttpError::Serve)?;
+    tracing::info!(%addr, "HTTP API listening");
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await.map_err(HttpError::Serve)?;
+    tracing::info!(%addr, "HTTP API stopped");
+    Ok(())
+}
+
+/// Checks a SKU from a client: 1–[`MAX_SKU_CHARS`] characters, not blank, no control characters.
+pub fn validate_sku(sku: &str) -> Result<(), String> {
+    if sku.trim().is_empty() {
+        return Err("sku is empty".into());
+    }
+    let n = sku.chars().count();
+    if n > MAX_SKU_CHARS {
+        return Err(format!("sku is {n} characters long, over the {MAX_SKU_CHARS}-character limit"));
+    }
+    if sku.chars().any(char::is_control) {
+        return Err("sku contains control characters".into());
+    }
+    Ok(())
+}
+
+// ----- errors ----------------------------------------------------------------------------------------------------
+
+/// An error answer: status, machine-readable kind, specific message.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    kind: &'a str,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, kind, message: message.into() }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn not_ready(state: &HttpState) -> Self {
+        let why = if (state.engine)().is_none() {
+            "no model is loaded yet"
+        } else {
+            "the model has not passed its self-test yet"
+        };
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", why)
+    }
+
+    fn from_preprocess(e: &PreprocessError) -> Self {
+        let (status, kind) = match e {
+            PreprocessError::Empty => (StatusCode::BAD_REQUEST, "empty"),
+            PreprocessError::FileTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            PreprocessError::TooManyPixels { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels"),
+            PreprocessError::UnknownFormat { .. } | PreprocessError::UnsupportedFormat { .. } => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_format")
+            }
+            PreprocessError::Decode { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "decode"),
+            PreprocessError::Truncated { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "truncated"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        Self::new(status, kind, error_chain(e))
+    }
+
+    fn from_engine(e: &EngineError) -> Self {
+        match e {
+            EngineError::Stopped => Self::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", error_chain(e)),
+            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "infer", error_chain(e)),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = self.status.as_u16(), kind = self.kind, error = %self.message, "HTTP request failed");
+        } else {
+            tracing::info!(status = self.status.as_u16(), kind = self.kind, error = %self.message, "HTTP request refused");
+        }
+        let body = ErrorBody { error: &self.message, kind: self.kind };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        match self.status {
+            StatusCode::UNAUTHORIZED => {
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Bearer realm="attrd""#));
+            }
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+/// `e` and its sources, `": "`-separated: the decoder's own reason is what tells a client what is wrong.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let msg = inner.to_string();
+        if !s.ends_with(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+fn body_error(e: BytesRejection, limit: usize) -> ApiError {
+    match e {
+        BytesRejection::FailedToBufferBody(axum::extract::rejection::FailedToBufferBody::LengthLimitError(_)) => {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body is over the {limit}-byte limit (http.max_body_bytes)"),
+            )
+        }
+        other => ApiError::bad_request(format!("could not read the request body: {}", other.body_text())),
+    }
+}
+
+// ----- auth ------------------------------------------------------------------------------------------------------
+
+async fn require_token(State(state): State<Arc<HttpState>>, req: Request, next: Next) -> Response {
+    let Some(token) = state.token.as_deref() else {
+        return next.run(req).await;
+    };
+    match bearer(req.headers()) {
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this endpoint requires an `Authorization: Bearer <token>` header",
+        )
+        .into_response(),
+        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid bearer token").into_response(),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Compares without an early exit, so response timing does not reveal how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));
+    }
+    diff == 0
+}
+
+// ----- /v1/infer -------------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InferQuery {
+    sku: Option<String>,
+}
+
+/// The model that produced a result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub version: String,
+    /// SHA-256 of the ONNX file.
+    pub sha256: String,
+    pub precision: String,
+    pub execution_provider: String,
+}
+
+impl ModelInfo {
+    pub fn of(engine: &Engine) -> Self {
+        let m = engine.manifest();
+        ModelInfo {
+            name: m.name.clone(),
+            version: m.version.to_string(),
+            sha256: engine.model_sha256().to_string(),
+            precision: m.precision.as_str().to_string(),
+            execution_provider: engine.providers().active.as_str().to_string(),
+        }
+    }
+}
+
+/// `POST /v1/infer` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferResponse {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
+    /// SHA-256 of the uploaded bytes.
+    pub image_sha256: String,
+    pub model: ModelInfo,
+    /// From the request being accepted to the answer, in milliseconds (waiting for a slot included).
+    pub latency_ms: f64,
+    pub attributes: Attributes,
+}
+
+async fn infer(
+    State(state): State<Arc<HttpState>>,
+    query: Result<Query<InferQuery>, QueryRejection>,
+    req: Request,
+) -> Result<axum::Json<InferResponse>, ApiError> {
+    let received = Instant::now();
+    let result = infer_inner(&state, query, req, received).await;
+    let kind = match &result {
+        Err(e) => match e.kind {
+            "empty" | "decode" | "truncated" => Some(ErrorKind::Decode),
+            "too_large" | "too_many_pixels" => Some(ErrorKind::Limit),
+            "unsupported_format" => Some(ErrorKind::UnsupportedFormat),
+            "infer" => Some(ErrorKind::Infer),
+            "internal" => Some(ErrorKind::Internal),
+            // Client mistakes and "not ready" are not daemon errors.
+            _ => None,
+        },
+        Ok(_) => None,
+    };
+    if let Some(kind) = kind {
+        state.metrics.error(kind);
+    }
+    result
+}
+
+async fn infer_inner(
+    state: &HttpState,
+    query: Result<Query<InferQuery>, QueryRejection>,
+    req: Request,
+    received: Instant,
+) -> Result<axum::Json<InferResponse>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if let Some(sku) = &query.sku {
+        validate_sku(sku).map_err(ApiError::bad_request)?;
+    }
+    // Refuse before reading a possibly large body.
+    let engine = state.ready_engine().ok_or_else(|| ApiError::not_ready(state))?;
+    // Holding a slot before buffering bounds the memory taken by concurrent uploads.
+    let _slot =
+        state.infer_slots.acquire().await.map_err(|_| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the HTTP API is shutting down")
+        })?;
+    state.metrics.observe_stage(Stage::Queue, received.elapsed());
+    let body = Bytes::from_request(req, &()).await.map_err(|e| body_error(e, state.max_body_bytes))?;
+    state.metrics.image("http");
+    let pre = state.preprocessor(&engine).map_err(|e| ApiError::from_preprocess(&e))?;
+
+    let started = Instant::now();
+    let image = body.clone();
+    let prepared = tokio::task::spawn_blocking(move || (pre.prepare(&image), pre, sha256_bytes(&image)))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("preprocessing: {e}")))?;
+    let (tensor, pre, image_sha256) = prepared;
+    let tensor = tensor.map_err(|e| ApiError::from_preprocess(&e))?;
+    state.metrics.observe_stage(Stage::Preprocess, started.elapsed());
+
+    let started = Instant::now();
+    let out = engine.infer(pre.batch(&[tensor])).await.map_err(|e| ApiError::from_engine(&e))?;
+    state.metrics.observe_stage(Stage::Infer, started.elapsed());
+    state.metrics.observe_batch(1);
+    let attributes = out.attributes(engine.manifest()).into_iter().next().ok_or_else(|| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the engine returned no result for the image")
+    })?;
+    let latency = received.elapsed();
+    state.metrics.observe_stage(Stage::Total, latency);
+    tracing::debug!(
+        sku = query.sku.as_deref().unwrap_or(""),
+        image_sha256 = %image_sha256,
+        bytes = body.len(),
+        latency_ms = latency.as_millis() as u64,
+        "HTTP inference"
+    );
+    Ok(axum::Json(InferResponse {
+        sku: query.sku,
+        image_sha256,
+        model: ModelInfo::of(&engine),
+        latency_ms: latency.as_secs_f64() * 1000.0,
+        attributes,
+    }))
+}
+
+// ----- /v1/capture -----------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaptureBody {
+    sku: String,
+    #[serde(default)]
+    cameras: Vec<String>,
+}
+
+/// `POST /v1/capture` answer (202).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureResponse {
+    pub sku: String,
+    /// Cameras that were triggered.
+    pub cameras: Vec<String>,
+}
+
+async fn capture(
+    State(state): State<Arc<HttpState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, axum::Json<CaptureResponse>), ApiError> {
+    let body = body.map_err(|e| body_error(e, MAX_CAPTURE_BODY))?;
+    let req: CaptureBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            r#"invalid capture request ({e}); expected JSON like {{"sku": "ABC-123", "cameras": ["front"]}}"#
+        ))
+    })?;
+    validate_sku(&req.sku).map_err(ApiError::bad_request)?;
+    if let Some(bad) = req.cameras.iter().find(|c| c.trim().is_empty() || c.chars().any(char::is_control)) {
+        return Err(ApiError::bad_request(format!("invalid camera name {bad:?}")));
+    }
+    let no_cameras = || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_cameras", "no cameras are configured");
+    let tx = state.capture.as_ref().ok_or_else(no_cameras)?;
+    let (reply, answer) = oneshot::channel();
+    let sku = req.sku.clone();
+    tx.try_send(CaptureRequest { sku: req.sku, cameras: req.cameras, reply }).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "busy", "capture queue is full; retry shortly")
+        }
+        mpsc::error::TrySendError::Closed(_) => no_cameras(),
+    })?;
+    let unavailable = |msg: &str| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "capture_unavailable", msg);
+    let answer = tokio::time::timeout(state.capture_timeout, answer)
+        .await
+        .map_err(|_| unavailable("the capture side did not answer in time"))?
+        .map_err(|_| unavailable("the capture side dropped the request"))?;
+    match answer {
+        Ok(accepted) => {
+            tracing::info!(%sku, cameras = ?accepted.cameras, "capture triggered over HTTP");
+            Ok((StatusCode::ACCEPTED, axum::Json(CaptureResponse { sku, cameras: accepted.cameras })))
+        }
+        Err(refusal @ CaptureRefusal::NoCameras) => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_cameras", refusal.to_string()))
+        }
+        Err(refusal @ CaptureRefusal::UnknownCameras { .. }) => {
+            Err(ApiError::new(StatusCode::BAD_REQUEST, "unknown_camera", refusal.to_string()))
+        }
+        Err(refusal) => Err(unavailable(&refusal.to_string())),
+    }
+}
+
+// ----- probes and metrics ----------------------------------------------------------------------------------------
+
+async fn healthz() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn live() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "live": true }))
+}
+
+async fn readyz(State(state): State<Arc<HttpState>>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let engine = state.ready_engine().ok_or_else(|| ApiError::not_ready(&state))?;
+    Ok(axum::Json(serde_json::json!({ "ready": true, "model": ModelInfo::of(&engine) })))
+}
+
+async fn v2_ready(State(state): State<Arc<HttpState>>) -> Response {
+    let ready = state.ready_engine().is_some();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(serde_json::json!({ "ready": ready }))).into_response()
+}
+
+async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    let wants_openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (content_type, text) = if wants_openmetrics {
+        (OPENMETRICS_CONTENT_TYPE, state.metrics.encode())
+    } else {
+        (PROMETHEUS_CONTENT_TYPE, state.metrics.encode_prometheus())
+    };
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_are_local_and_documented_fields_parse() {
+        let c = HttpConfig::default();
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.max_body_bytes, 64 << 20);
+        let c: HttpConfig = serde_json::from_str(r#"{"listen": "0.0.0.0:9000", "capture_timeout": "3s"}"#).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.capture_timeout, Duration::from_secs(3));
+        let e = serde_json::from_str::<HttpConfig>(r#"{"listen_addr": "0.0.0.0:9000"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `listen_addr`"), "{e}");
+    }
+
+    #[test]
+    fn debug_redacts_the_token() {
+        let c = HttpConfig { token: Some("s3cret-token".into()), ..HttpConfig::default() };
+        let d = format!("{c:?}");
+        assert!(!d.contains("s3cret"), "{d}");
+        assert!(d.contains("<redacted>"));
+    }
+
+    #[test]
+    fn token_resolution() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("token");
+        std::fs::write(&file, "abc123\n").unwrap();
+        let from_file = HttpConfig { token_file: Some(file.clone()), ..HttpConfig::default() };
+        assert_eq!(from_file.resolve_token().unwrap().as_deref(), Some("abc123"));
+        let both = HttpConfig { token: Some("x".into()), token_file: Some(file), ..HttpConfig::default() };
+        assert!(both.resolve_token().unwrap_err().to_string().contains("both set"));
+        let missing = HttpConfig { token_file: Some(tmp.path().join("nope")), ..HttpConfig::default() };
+        assert!(matches!(missing.resolve_token(), Err(HttpError::TokenFile { .. })));
+        let blank = HttpConfig { token: Some("  ".into()), ..HttpConfig::default() };
+        assert!(blank.resolve_token().unwrap_err().to_string().contains("empty"));
+        let spaced = HttpConfig { token: Some("a b".into()), ..HttpConfig::default() };
+        assert!(spaced.resolve_token().unwrap_err().to_string().contains("printable ASCII"));
+        assert_eq!(HttpConfig::default().resolve_token().unwrap(), None);
+    }
+
+    #[test]
+    fn constant_time_eq_is_eq() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(!constant_time_eq(b"ab", b"abc"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer tok"));
+        assert_eq!(bearer(&h), Some("tok"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
+        assert_eq!(bearer(&h), None);
+    }
+
+    #[test]
+    fn sku_validation() {
+        validate_sku("ABC-123/red").unwrap();
+        assert!(validate_sku("").is_err());
+        assert!(validate_sku("  ").is_err());
+        assert!(validate_sku("a\nb").is_err());
+        assert!(validate_sku(&"x".repeat(129)).unwrap_err().contains("129 characters"));
+    }
+}

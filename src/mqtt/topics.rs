@@ -1,0 +1,278 @@
+//! Every MQTT topic attrd uses is built here and nowhere else, so the topic tree in `docs/mqtt.md` has exactly one
+//! implementation.
+//!
+//! Values that become topic segments (node, SKU, model name, command kind) are validated, never rewritten: a SKU
+//! that cannot be a topic segment is an error the pipeline reports, not a silently different topic.
+
+use std::fmt;
+
+/// Longest SKU accepted as a topic segment, in bytes.
+pub const MAX_SKU_LEN: usize = 128;
+/// Longest node, prefix segment, model name or command kind, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Why a value cannot be used in a topic, or a received topic is not one of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    /// The value is empty.
+    #[error("{what} must not be empty")]
+    Empty {
+        /// Which value (`"SKU"`, `"node"`, …).
+        what: &'static str,
+    },
+    /// The value is longer than allowed.
+    #[error("{what} is {len} bytes long, more than the {max} allowed in a topic")]
+    TooLong {
+        /// Which value.
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The value contains a character that would change the topic's meaning.
+    #[error("{what} {value:?} contains {ch:?}, which is not allowed in an MQTT topic segment")]
+    Forbidden {
+        /// Which value.
+        what: &'static str,
+        /// The value, truncated to 80 characters.
+        value: String,
+        /// The offending character.
+        ch: char,
+    },
+    /// The value starts with `$`, which brokers reserve for their own topics.
+    #[error("{what} {value:?} must not start with '$'")]
+    Reserved {
+        /// Which value.
+        what: &'static str,
+        /// The value, truncated to 80 characters.
+        value: String,
+    },
+    /// A received topic is not `<prefix>/<node>/cmd/<kind>` (or its response topic).
+    #[error("{topic:?} is not a command topic of this node (expected {expected}/<kind>)")]
+    NotACommand {
+        /// The received topic, truncated to 200 characters.
+        topic: String,
+        /// The expected command topic prefix.
+        expected: String,
+    },
+}
+
+/// The validated kind of a command: the segment after `cmd/` (ASCII letters, digits, `_`, `-`, `.`). Which kinds
+/// exist is decided by whoever consumes [`super::IncomingCommand`]s.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
+pub struct CommandKind(String);
+
+impl CommandKind {
+    /// Validates a command kind.
+    pub fn new(kind: &str) -> Result<Self, TopicError> {
+        check_len("command kind", kind, MAX_NAME_LEN)?;
+        if let Some(ch) = kind.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))) {
+            return Err(TopicError::Forbidden { what: "command kind", value: truncate(kind, 80), ch });
+        }
+        Ok(Self(kind.to_owned()))
+    }
+
+    /// The kind as written in the topic.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CommandKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a topic under [`Topics::cmd_filter`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandTopic {
+    /// `<prefix>/<node>/cmd/<kind>`: a command to execute.
+    Command(CommandKind),
+    /// `<prefix>/<node>/cmd/<kind>/response`: a reply (ours, echoed back by the subscription); never executed.
+    Response(CommandKind),
+}
+
+/// Builds attrd's topics for one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+    node: String,
+    /// `<prefix>/<node>`.
+    base: String,
+}
+
+impl Topics {
+    /// `prefix` is one or more `/`-separated segments (default `attrd`); `node` is one segment.
+    pub fn new(prefix: &str, node: &str) -> Result<Self, TopicError> {
+        if prefix.is_empty() {
+            return Err(TopicError::Empty { what: "topic prefix" });
+        }
+        for seg in prefix.split('/') {
+            check_segment("topic prefix segment", seg, MAX_NAME_LEN)?;
+        }
+        check_segment("node", node, MAX_NAME_LEN)?;
+        Ok(Self { prefix: prefix.to_owned(), node: node.to_owned(), base: format!("{prefix}/{node}") })
+    }
+
+    /// The topic prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The node name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// `<prefix>/<node>/available`: retained `online`, `offline` (last will) or `stopped`.
+    pub fn available(&self) -> String {
+        format!("{}/available", self.base)
+    }
+
+    /// `<prefix>/<node>/status`: retained daemon status.
+    pub fn status(&self) -> String {
+        format!("{}/status", self.base)
+    }
+
+    /// `<prefix>/<node>/results/<sku>`: one item's attributes.
+    pub fn result(&self, sku: &str) -> Result<String, TopicError> {
+        check_segment("SKU", sku, MAX_SKU_LEN)?;
+        Ok(format!("{}/results/{sku}", self.base))
+    }
+
+    /// `<prefix>/<node>/model/state`: retained state of the active model.
+    pub fn model_state(&self) -> String {
+        format!("{}/model/state", self.base)
+    }
+
+    /// `<prefix>/<node>/cmd/#`: the subscription for commands.
+    pub fn cmd_filter(&self) -> String {
+        format!("{}/cmd/#", self.base)
+    }
+
+    /// `<prefix>/<node>/cmd/<kind>`: where a command of this kind is sent.
+    pub fn cmd(&self, kind: &CommandKind) -> String {
+        format!("{}/cmd/{kind}", self.base)
+    }
+
+    /// `<prefix>/<node>/cmd/<kind>/response`: replies to commands of this kind.
+    pub fn cmd_response(&self, kind: &CommandKind) -> String {
+        format!("{}/cmd/{kind}/response", self.base)
+    }
+
+    /// `<prefix>/<node>/errors`: error replies to messages whose topic names no valid command kind.
+    pub fn errors(&self) -> String {
+        format!("{}/errors", self.base)
+    }
+
+    /// `<prefix>/models/<name>`: fleet-wide model announcements.
+    pub fn models(&self, name: &str) -> Result<String, TopicError> {
+        check_segment("model name", name, MAX_NAME_LEN)?;
+        Ok(format!("{}/models/{name}", self.prefix))
+    }
+
+    /// Classifies a topic received on [`Topics::cmd_filter`].
+    pub fn parse_command(&self, topic: &str) -> Result<CommandTopic, TopicError> {
+        let cmd_base = format!("{}/cmd", self.base);
+        let not_cmd = || TopicError::NotACommand { topic: truncate(topic, 200), expected: cmd_base.clone() };
+        let rest = topic.strip_prefix(cmd_base.as_str()).and_then(|r| r.strip_prefix('/')).ok_or_else(not_cmd)?;
+        let mut parts = rest.split('/');
+        let kind = parts.next().unwrap_or_default();
+        let tail: Vec<&str> = parts.collect();
+        match tail.as_slice() {
+            [] => Ok(CommandTopic::Command(CommandKind::new(kind)?)),
+            ["response"] => Ok(CommandTopic::Response(CommandKind::new(kind)?)),
+            _ => Err(not_cmd()),
+        }
+    }
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    s.chars().take(max_chars).collect()
+}
+
+fn check_len(what: &'static str, value: &str, max: usize) -> Result<(), TopicError> {
+    if value.is_empty() {
+        return Err(TopicError::Empty { what });
+    }
+    if value.len() > max {
+        return Err(TopicError::TooLong { what, len: value.len(), max });
+    }
+    Ok(())
+}
+
+/// One topic segment: no separators or wildcards, no NUL or other control characters, not broker-reserved.
+fn check_segment(what: &'static str, value: &str, max: usize) -> Result<(), TopicError> {
+    check_len(what, value, max)?;
+    if let Some(ch) = value.chars().find(|c| matches!(c, '/' | '+' | '#') || c.is_control()) {
+        return Err(TopicError::Forbidden { what, value: truncate(value, 80), ch });
+    }
+    if value.starts_with('$') {
+        return Err(TopicError::Reserved { what, value: truncate(value, 80) });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t() -> Topics {
+        Topics::new("attrd", "edge-1").unwrap()
+    }
+
+    #[test]
+    fn builds_the_documented_tree() {
+        let t = t();
+        assert_eq!(t.available(), "attrd/edge-1/available");
+        assert_eq!(t.status(), "attrd/edge-1/status");
+        assert_eq!(t.result("SKU-42.a").unwrap(), "attrd/edge-1/results/SKU-42.a");
+        assert_eq!(t.model_state(), "attrd/edge-1/model/state");
+        assert_eq!(t.cmd_filter(), "attrd/edge-1/cmd/#");
+        let k = CommandKind::new("reload").unwrap();
+        assert_eq!(t.cmd(&k), "attrd/edge-1/cmd/reload");
+        assert_eq!(t.cmd_response(&k), "attrd/edge-1/cmd/reload/response");
+        assert_eq!(t.errors(), "attrd/edge-1/errors");
+        assert_eq!(t.models("lite0").unwrap(), "attrd/models/lite0");
+        assert_eq!(Topics::new("site/a", "n").unwrap().available(), "site/a/n/available");
+    }
+
+    #[test]
+    fn rejects_bad_values_instead_of_rewriting() {
+        let t = t();
+        for bad in ["a/b", "a+b", "a#", "", "a\0b", "line\nbreak", "$SYS"] {
+            assert!(t.result(bad).is_err(), "{bad:?} accepted");
+            assert!(t.models(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(
+            t.result(&"x".repeat(MAX_SKU_LEN + 1)).unwrap_err(),
+            TopicError::TooLong { what: "SKU", len: MAX_SKU_LEN + 1, max: MAX_SKU_LEN }
+        );
+        assert!(t.result(&"x".repeat(MAX_SKU_LEN)).is_ok());
+        assert!(Topics::new("attrd", "a/b").is_err());
+        assert!(Topics::new("attrd/", "n").is_err());
+        assert!(Topics::new("", "n").is_err());
+        assert!(CommandKind::new("re load").is_err());
+    }
+
+    #[test]
+    fn parses_command_topics() {
+        let t = t();
+        let k = CommandKind::new("reload").unwrap();
+        assert_eq!(t.parse_command("attrd/edge-1/cmd/reload"), Ok(CommandTopic::Command(k.clone())));
+        assert_eq!(t.parse_command("attrd/edge-1/cmd/reload/response"), Ok(CommandTopic::Response(k)));
+        for bad in [
+            "attrd/edge-1/cmd",
+            "attrd/edge-1/cmd/",
+            "attrd/edge-1/cmd/a/b",
+            "attrd/edge-1/cmdx/a",
+            "attrd/edge-2/cmd/a",
+            "attrd/edge-1/cmd/bad kind",
+        ] {
+            assert!(t.parse_command(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+}

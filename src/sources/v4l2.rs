@@ -1,0 +1,779 @@
+//! Cameras: a stream kept open ("warm"), a frame taken on a trigger or on an interval.
+//!
+//! The device itself sits behind [`FrameGrabber`]: the V4L2 binding (`v4l` crate, `v4l2` cargo feature, which
+//! needs libclang at build time) or [`FakeCamera`](super::fake::FakeCamera), which serves recorded frames. What is
+//! common lives here and is tested without hardware: turning MJPEG/YUYV frames into JPEG shots, trigger and
+//! interval handling, and reopening a camera that failed or was unplugged (with backoff, never a crash).
+
+use super::{Origin, Shot, ShotOutcome, Shutdown, Source, SourceError, SourceFuture, backoff, error_chain, outcome};
+use crate::payload::SourceKind;
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::{Semaphore, mpsc};
+
+/// Pixel formats attrd can capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelFormat {
+    /// Motion JPEG: every frame is a JPEG already (most USB cameras at high resolution).
+    Mjpeg,
+    /// YUV 4:2:2 packed as Y0 U Y1 V; converted to RGB and encoded as JPEG here.
+    Yuyv,
+}
+
+/// Configuration of one V4L2 camera.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct V4l2Config {
+    /// Device node. Default `/dev/video0`; prefer a stable `/dev/v4l/by-id/…` link on a box with several cameras.
+    pub device: PathBuf,
+    /// Camera id in payloads, logs and trigger routing; default the device's file name (`video0`). Must be unique
+    /// among sources.
+    pub name: Option<String>,
+    /// Pixel format to request. Default `mjpeg`.
+    pub format: PixelFormat,
+    /// Frame width to request, in pixels; the driver may pick the nearest mode it has. Default 1920.
+    pub width: u32,
+    /// Frame height to request, in pixels. Default 1080.
+    pub height: u32,
+    /// Frame rate to request. Default 30.
+    pub fps: u32,
+    /// Manual exposure in units of 100 µs (V4L2's `exposure_time_absolute`); unset (default) leaves auto exposure.
+    pub exposure: Option<u32>,
+    /// JPEG quality (1–100) for frames that arrive uncompressed (YUYV). Default 92.
+    pub jpeg_quality: u8,
+    /// Also take a frame this often without a trigger; unset (default): only on trigger.
+    #[serde(with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    /// SKU of interval frames: `{camera}` and `{ts}` (Unix time in ms) are replaced. Default `{camera}-{ts}`.
+    pub interval_sku: String,
+    /// First wait before reopening a camera that failed; doubles per failure. Default 500ms.
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    /// Longest wait between reopen attempts, and between resends of a frame whose result could not be stored.
+    /// Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Frames waiting for a durable result before the camera stops taking new ones (triggers then wait). Default 8.
+    pub max_in_flight: usize,
+}
+
+impl Default for V4l2Config {
+    fn default() -> Self {
+        V4l2Config {
+            device: PathBuf::from("/dev/video0"),
+            name: None,
+            format: PixelFormat::Mjpeg,
+            width: 1920,
+            height: 1080,
+            fps: 30,
+            exposure: None,
+            jpeg_quality: 92,
+            interval: None,
+            interval_sku: "{camera}-{ts}".to_string(),
+            retry_min: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+            max_in_flight: 8,
+        }
+    }
+}
+
+impl V4l2Config {
+    pub fn camera_id(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.device.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "camera".into())
+        })
+    }
+
+    pub fn settings(&self) -> CaptureSettings {
+        CaptureSettings {
+            format: self.format,
+            width: self.width,
+            height: self.height,
+            fps: self.fps,
+            exposure: self.exposure,
+        }
+    }
+}
+
+/// Take a frame now, for this SKU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    pub sku: String,
+}
+
+/// What to ask the device for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaptureSettings {
+    pub format: PixelFormat,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    pub exposure: Option<u32>,
+}
+
+/// What the device agreed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub format: PixelFormat,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// One captured frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub format: PixelFormat,
+    pub width: u32,
+    pub height: u32,
+    /// Bytes per row for YUYV (drivers may pad rows); 0 means tightly packed (`2 * width`, rounded up to pairs).
+    pub stride: u32,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    #[error("YUYV frame {width}x{height} (stride {stride}) needs {expected} bytes, got {got}")]
+    Short { width: u32, height: u32, stride: u32, expected: usize, got: usize },
+    #[error("frame has no pixels ({width}x{height})")]
+    Empty { width: u32, height: u32 },
+    #[error("MJPEG frame does not start with a JPEG SOI marker")]
+    NotJpeg,
+    #[error("cannot encode the frame as JPEG")]
+    Encode(#[source] image::ImageError),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CameraError {
+    #[error("camera {device}: cannot open")]
+    Open {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("camera {device}: {reason}")]
+    Unsupported { device: String, reason: String },
+    #[error("camera {device}: cannot capture")]
+    Grab {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("camera {device}: bad frame")]
+    Frame {
+        device: String,
+        #[source]
+        source: FrameError,
+    },
+}
+
+/// A camera device. Calls block (they are made on blocking threads); `open` starts streaming and the stream stays
+/// open between `grab`s, which return the newest frame.
+pub trait FrameGrabber: Send + 'static {
+    /// `V4l2` for real devices, `Fake` for recorded frames; goes into the payload's `source.type`.
+    fn kind(&self) -> SourceKind;
+    fn open(&mut self, settings: &CaptureSettings) -> Result<StreamInfo, CameraError>;
+    fn grab(&mut self) -> Result<Frame, CameraError>;
+    /// Stops streaming and releases the device; `open` may be called again.
+    fn close(&mut self);
+}
+
+/// BT.601 limited-range YUYV (what UVC cameras send) to RGB.
+pub fn yuyv_to_rgb(data: &[u8], width: u32, height: u32, stride: u32) -> Result<RgbImage, FrameError> {
+    if width == 0 || height == 0 {
+        return Err(FrameError::Empty { width, height });
+    }
+    let pairs = (width as usize).div_ceil(2);
+    let packed = pairs * 4;
+    let stride = if stride == 0 { packed } else { stride as usize };
+    let expected = stride.max(packed) * (height as usize - 1) + packed;
+    if stride < packed || data.len() < expected {
+        return Err(FrameError::Short { width, height, stride: stride as u32, expected, got: data.len() });
+    }
+    let mut out = vec![0u8; width as usize * height as usize * 3];
+    let w = width as usize;
+    for (y, dst) in out.chunks_exact_mut(w * 3).enumerate() {
+        let row = &data[y * stride..y * stride + packed];
+        for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+            let quad = &row[(x / 2) * 4..(x / 2) * 4 + 4];
+            let luma = if x % 2 == 0 { quad[0] } else { quad[2] };
+            px.copy_from_slice(&ycbcr_to_rgb(luma, quad[1], quad[3]));
+        }
+    }
+    // Invariant: `out` holds exactly width * height * 3 bytes.
+    Ok(RgbImage::from_raw(width, height, out).expect("buffer sized for the image"))
+}
+
+/// ITU-R BT.601, limited range, in 8.8 fixed point (the usual integer form).
+fn ycbcr_to_rgb(y: u8, u: u8, v: u8) -> [u8; 3] {
+    let c = 298 * (i32::from(y) - 16);
+    let d = i32::from(u) - 128;
+    let e = i32::from(v) - 128;
+    let clamp = |x: i32| ((x + 128) >> 8).clamp(0, 255) as u8;
+    [clamp(c + 409 * e), clamp(c - 100 * d - 208 * e), clamp(c + 516 * d)]
+}
+
+pub fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100))
+        .encode_image(img)
+        .map_err(FrameError::Encode)?;
+    Ok(out)
+}
+
+/// The encoded image for a frame: MJPEG frames as they are (decoders fill in the Huffman tables many cameras
+/// leave out), YUYV converted and encoded at `quality`.
+pub fn frame_to_jpeg(frame: &Frame, quality: u8) -> Result<Vec<u8>, FrameError> {
+    match frame.format {
+        PixelFormat::Mjpeg => {
+            if !frame.data.starts_with(&[0xFF, 0xD8]) {
+                return Err(FrameError::NotJpeg);
+            }
+            Ok(frame.data.clone())
+        }
+        PixelFormat::Yuyv => encode_jpeg(&yuyv_to_rgb(&frame.data, frame.width, frame.height, frame.stride)?, quality),
+    }
+}
+
+/// The grabber for a configured V4L2 device.
+#[cfg(feature = "v4l2")]
+pub fn device_grabber(cfg: &V4l2Config) -> Result<Box<dyn FrameGrabber>, SourceError> {
+    Ok(Box::new(device::V4l2Grabber::new(cfg.device.clone())))
+}
+
+/// Without the `v4l2` feature there is no device binding: configuring a camera is an error at start-up.
+#[cfg(not(feature = "v4l2"))]
+pub fn device_grabber(cfg: &V4l2Config) -> Result<Box<dyn FrameGrabber>, SourceError> {
+    Err(SourceError::V4l2Unavailable { camera: cfg.camera_id(), device: cfg.device.clone() })
+}
+
+/// A camera source: one grabber, triggers from the API, optionally an interval.
+pub struct CameraSource {
+    cfg: V4l2Config,
+    id: String,
+    grabber: Box<dyn FrameGrabber>,
+    trigger: Option<mpsc::Receiver<Trigger>>,
+}
+
+impl std::fmt::Debug for CameraSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CameraSource").field("id", &self.id).field("device", &self.cfg.device).finish()
+    }
+}
+
+impl CameraSource {
+    pub fn new(
+        cfg: V4l2Config,
+        grabber: Box<dyn FrameGrabber>,
+        trigger: Option<mpsc::Receiver<Trigger>>,
+    ) -> Result<Self, SourceError> {
+        let id = cfg.camera_id();
+        let bad = |reason: &str| Err(SourceError::Config { source_name: id.clone(), reason: reason.to_string() });
+        if cfg.width == 0 || cfg.height == 0 || cfg.fps == 0 {
+            return bad("width, height and fps must be positive");
+        }
+        if !(1..=100).contains(&cfg.jpeg_quality) {
+            return bad("jpeg_quality must be within 1..=100");
+        }
+        if cfg.max_in_flight == 0 || cfg.retry_min.is_zero() || cfg.retry_max < cfg.retry_min {
+            return bad("max_in_flight and retry_min must be positive, retry_max at least retry_min");
+        }
+        if cfg.interval.is_some_and(|d| d.is_zero()) {
+            return bad("interval must be positive (leave it unset for trigger-only)");
+        }
+        if trigger.is_none() && cfg.interval.is_none() {
+            return bad("neither a trigger channel nor an interval: the camera would never take a frame");
+        }
+        Ok(CameraSource { cfg, id, grabber, trigger })
+    }
+
+    fn interval_sku(&self) -> String {
+        let ts = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).to_string();
+        self.cfg.interval_sku.replace("{camera}", &self.id).replace("{ts}", &ts)
+    }
+}
+
+enum Wake {
+    Trigger(Trigger),
+    Interval,
+    Stop,
+    Again,
+}
+
+impl Source for CameraSource {
+    fn name(&self) -> &str {
+        &self.id
+    }
+
+    fn run(self: Box<Self>, tx: mpsc::Sender<Shot>, shutdown: Shutdown) -> SourceFuture {
+        Box::pin(self.run_camera(tx, shutdown))
+    }
+}
+
+/// How often one trigger is tried again when its frames are unusable, before it is given up.
+const BAD_FRAME_TRIES: u32 = 3;
+
+impl CameraSource {
+    async fn run_camera(mut self: Box<Self>, tx: mpsc::Sender<Shot>, mut shutdown: Shutdown) {
+        let device = self.cfg.device.display().to_string();
+        let settings = self.cfg.settings();
+        let kind = self.grabber.kind();
+        let in_flight = Arc::new(Semaphore::new(self.cfg.max_in_flight));
+        let mut waiters = tokio::task::JoinSet::new();
+        let mut ticker = self.cfg.interval.map(|d| {
+            let mut t = tokio::time::interval(d);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        let mut trigger = self.trigger.take();
+        let placeholder: Box<dyn FrameGrabber> = Box::new(Unplugged);
+        let mut grabber = Some(std::mem::replace(&mut self.grabber, placeholder));
+        let mut open = false;
+        let mut failures = 0u32;
+        let mut pending: Option<(Trigger, u32)> = None;
+        loop {
+            if shutdown.is_triggered() {
+                break;
+            }
+            if !open {
+                let Some(g) = grabber.take() else { break };
+                let (g, res) = blocking(g, move |g| g.open(&settings)).await;
+                grabber = g;
+                match res {
+                    Some(Ok(info)) => {
+                        open = true;
+                        failures = 0;
+                        tracing::info!(
+                            camera = %self.id, %device, format = ?info.format, width = info.width,
+                            height = info.height, "camera streaming"
+                        );
+                        if (info.width, info.height, info.format) != (settings.width, settings.height, settings.format)
+                        {
+                            tracing::warn!(camera = %self.id, requested = ?settings, got = ?info, "camera picked another mode");
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let wait = backoff(self.cfg.retry_min, self.cfg.retry_max, failures);
+                        failures = failures.saturating_add(1);
+                        tracing::error!(camera = %self.id, %device, error = %error_chain(&e), retry_in = ?wait, "camera unavailable");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.wait() => break,
+                        }
+                    }
+                    None => break,
+                }
+                continue;
+            }
+            let (sku, tries) = match pending.take() {
+                Some((t, n)) => (t.sku, n),
+                None => {
+                    let wake = tokio::select! {
+                        _ = shutdown.wait() => Wake::Stop,
+                        t = next_trigger(&mut trigger) => match t {
+                            Some(t) => Wake::Trigger(t),
+                            None => { trigger = None; Wake::Again }
+                        },
+                        _ = next_tick(&mut ticker) => Wake::Interval,
+                        Some(_) = waiters.join_next(), if !waiters.is_empty() => Wake::Again,
+                    };
+                    match wake {
+                        Wake::Stop => break,
+                        Wake::Again => {
+                            if trigger.is_none() && ticker.is_none() {
+                                // Nothing can wake the camera any more: wait for shutdown.
+                                shutdown.wait().await;
+                                break;
+                            }
+                            continue;
+                        }
+                        Wake::Trigger(t) => (t.sku, 0),
+                        Wake::Interval => (self.interval_sku(), 0),
+                    }
+                }
+            };
+            let permit = tokio::select! {
+                p = in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.wait() => break,
+            };
+            let quality = self.cfg.jpeg_quality;
+            let Some(g) = grabber.take() else { break };
+            let dev = device.clone();
+            let (g, res) = blocking(g, move |g| {
+                let frame = g.grab()?;
+                frame_to_jpeg(&frame, quality).map_err(|source| CameraError::Frame { device: dev, source })
+            })
+            .await;
+            grabber = g;
+            let jpeg = match res {
+                Some(Ok(j)) => j,
+                Some(Err(CameraError::Frame { source, .. })) => {
+                    tracing::warn!(camera = %self.id, %device, %sku, error = %error_chain(&source), "unusable frame");
+                    if tries + 1 < BAD_FRAME_TRIES {
+                        pending = Some((Trigger { sku }, tries + 1));
+                    } else {
+                        tracing::error!(camera = %self.id, %sku, "giving up on this trigger: no usable frame");
+                    }
+                    continue;
+                }
+                Some(Err(e)) => {
+                    tracing::error!(camera = %self.id, %device, %sku, error = %error_chain(&e), "camera lost; reopening");
+                    if let Some(g) = grabber.as_mut() {
+                        g.close();
+                    }
+                    open = false;
+                    // The item is presumably still in front of the camera: take it once the camera is back.
+                    pending = Some((Trigger { sku }, tries));
+                    continue;
+                }
+                None => break,
+            };
+            let origin = match kind {
+                SourceKind::Fake => Origin::Fake { camera: self.id.clone() },
+                _ => Origin::V4l2 { camera: self.id.clone() },
+            };
+            let captured_at = OffsetDateTime::now_utc();
+            let (shot, rx) = Shot::new(sku.clone(), jpeg.clone(), captured_at, origin.clone());
+            tokio::select! {
+                r = tx.send(shot) => if r.is_err() {
+                    tracing::error!(camera = %self.id, "the pipeline is gone; camera stops");
+                    break;
+                },
+                _ = shutdown.wait() => break,
+            }
+            tracing::debug!(camera = %self.id, %sku, bytes = jpeg.len(), "frame sent");
+            let resend = Resend {
+                camera: self.id.clone(),
+                sku,
+                jpeg,
+                captured_at,
+                origin,
+                tx: tx.clone(),
+                shutdown: shutdown.clone(),
+                retry_min: self.cfg.retry_min,
+                retry_max: self.cfg.retry_max,
+            };
+            waiters.spawn(async move {
+                resend.until_stored(rx).await;
+                drop(permit);
+            });
+        }
+        if let Some(mut g) = grabber
+            && open
+        {
+            let _ = tokio::task::spawn_blocking(move || g.close()).await;
+        }
+        drop(tx);
+        while waiters.join_next().await.is_some() {}
+        tracing::info!(camera = %self.id, "camera stopped");
+    }
+}
+
+/// A frame waiting for its result to be stored; sent again after "retry later".
+struct Resend {
+    camera: String,
+    sku: String,
+    jpeg: Vec<u8>,
+    captured_at: OffsetDateTime,
+    origin: Origin,
+    tx: mpsc::Sender<Shot>,
+    shutdown: Shutdown,
+    retry_min: Duration,
+    retry_max: Duration,
+}
+
+impl Resend {
+    async fn until_stored(mut self, mut rx: tokio::sync::oneshot::Receiver<ShotOutcome>) {
+        let mut attempt = 0u32;
+        loop {
+            match outcome(rx).await {
+                ShotOutcome::Durable => {
+                    tracing::debug!(camera = %self.camera, sku = %self.sku, "frame stored");
+                    return;
+                }
+                ShotOutcome::Failed(reason) => {
+                    tracing::warn!(camera = %self.camera, sku = %self.sku, %reason, "frame produced no result");
+                    return;
+                }
+                ShotOutcome::RetryLater(reason) => {
+                    let wait = backoff(self.retry_min, self.retry_max, attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(camera = %self.camera, sku = %self.sku, %reason, retry_in = ?wait, "frame not stored yet");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.wait() => {
+                            tracing::error!(camera = %self.camera, sku = %self.sku, "shutting down: frame dropped without a result");
+                            return;
+                        }
+                    }
+                    let (shot, next) =
+                        Shot::new(self.sku.clone(), self.jpeg.clone(), self.captured_at, self.origin.clone());
+                    if self.tx.send(shot).await.is_err() {
+                        tracing::error!(camera = %self.camera, sku = %self.sku, "pipeline gone: frame dropped without a result");
+                        return;
+                    }
+                    rx = next;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` on the grabber on a blocking thread and hands the grabber back. `None` for the grabber means it was lost
+/// in a panic; `None` for the result likewise.
+async fn blocking<T: Send + 'static>(
+    mut g: Box<dyn FrameGrabber>,
+    f: impl FnOnce(&mut dyn FrameGrabber) -> Result<T, CameraError> + Send + 'static,
+) -> (Option<Box<dyn FrameGrabber>>, Option<Result<T, CameraError>>) {
+    match tokio::task::spawn_blocking(move || {
+        let r = f(g.as_mut());
+        (g, r)
+    })
+    .await
+    {
+        Ok((g, r)) => (Some(g), Some(r)),
+        Err(e) => {
+            tracing::error!(error = %e, "camera driver call panicked; camera stops");
+            (None, None)
+        }
+    }
+}
+
+async fn next_trigger(rx: &mut Option<mpsc::Receiver<Trigger>>) -> Option<Trigger> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_tick(t: &mut Option<tokio::time::Interval>) {
+    match t {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Stands in for the grabber while it is out on a blocking thread.
+struct Unplugged;
+
+impl FrameGrabber for Unplugged {
+    fn kind(&self) -> SourceKind {
+        SourceKind::V4l2
+    }
+    fn open(&mut self, _: &CaptureSettings) -> Result<StreamInfo, CameraError> {
+        Err(CameraError::Unsupported { device: String::new(), reason: "no grabber".into() })
+    }
+    fn grab(&mut self) -> Result<Frame, CameraError> {
+        Err(CameraError::Unsupported { device: String::new(), reason: "no grabber".into() })
+    }
+    fn close(&mut self) {}
+}
+
+/// The real device binding (`v4l2` feature).
+#[cfg(feature = "v4l2")]
+mod device {
+    use super::{CameraError, CaptureSettings, Frame, FrameGrabber, PixelFormat, StreamInfo};
+    use crate::payload::SourceKind;
+    use std::io;
+    use std::path::PathBuf;
+    use std::time::Duration;
+    use v4l::FourCC;
+    use v4l::buffer::Type;
+    use v4l::control::{Control, Value};
+    use v4l::io::traits::CaptureStream;
+    use v4l::prelude::{Device, MmapStream};
+    use v4l::video::Capture;
+    use v4l::video::capture::Parameters;
+
+    /// Driver buffers: enough to keep streaming while one frame is being copied out.
+    const BUFFERS: u32 = 4;
+    /// `poll(2)`'s POLLIN on Linux (avoids a direct libc dependency for one constant).
+    const POLLIN: i16 = 0x001;
+    /// V4L2_CID_EXPOSURE_AUTO and its V4L2_EXPOSURE_MANUAL value; V4L2_CID_EXPOSURE_ABSOLUTE (100 µs units).
+    const CID_EXPOSURE_AUTO: u32 = 0x009a_0901;
+    const EXPOSURE_MANUAL: i64 = 1;
+    const CID_EXPOSURE_ABSOLUTE: u32 = 0x009a_0902;
+    /// A streaming camera that delivers nothing for this long is treated as lost.
+    const FRAME_TIMEOUT: Duration = Duration::from_secs(3);
+
+    pub struct V4l2Grabber {
+        path: PathBuf,
+        // Field order matters: the stream (buffers mapped from the device) is dropped before the device.
+        stream: Option<MmapStream<'static>>,
+        dev: Option<Device>,
+        info: Option<(StreamInfo, u32)>,
+    }
+
+    impl V4l2Grabber {
+        pub fn new(path: PathBuf) -> Self {
+            V4l2Grabber { path, stream: None, dev: None, info: None }
+        }
+
+        fn name(&self) -> String {
+            self.path.display().to_string()
+        }
+
+        fn open_err(&self, source: io::Error) -> CameraError {
+            CameraError::Open { device: self.name(), source }
+        }
+    }
+
+    fn fourcc(f: PixelFormat) -> FourCC {
+        match f {
+            PixelFormat::Mjpeg => FourCC::new(b"MJPG"),
+            PixelFormat::Yuyv => FourCC::new(b"YUYV"),
+        }
+    }
+
+    impl FrameGrabber for V4l2Grabber {
+        fn kind(&self) -> SourceKind {
+            SourceKind::V4l2
+        }
+
+        fn open(&mut self, s: &CaptureSettings) -> Result<StreamInfo, CameraError> {
+            self.close();
+            let dev = Device::with_path(&self.path).map_err(|e| self.open_err(e))?;
+            let mut fmt = dev.format().map_err(|e| self.open_err(e))?;
+            fmt.width = s.width;
+            fmt.height = s.height;
+            fmt.fourcc = fourcc(s.format);
+            let got = dev.set_format(&fmt).map_err(|e| self.open_err(e))?;
+            if got.fourcc != fmt.fourcc {
+                return Err(CameraError::Unsupported {
+                    device: self.name(),
+                    reason: format!("does not offer {} (it set {})", fmt.fourcc, got.fourcc),
+                });
+            }
+            if let Err(e) = dev.set_params(&Parameters::with_fps(s.fps)) {
+                tracing::warn!(device = %self.name(), fps = s.fps, error = %e, "cannot set the frame rate");
+            }
+            if let Some(exposure) = s.exposure {
+                let manual = dev
+                    .set_control(Control { id: CID_EXPOSURE_AUTO, value: Value::Integer(EXPOSURE_MANUAL) })
+                    .and_then(|()| {
+                        dev.set_control(Control { id: CID_EXPOSURE_ABSOLUTE, value: Value::Integer(exposure.into()) })
+                    });
+                if let Err(e) = manual {
+                    tracing::warn!(device = %self.name(), exposure, error = %e, "cannot set manual exposure");
+                }
+            }
+            let mut stream =
+                MmapStream::with_buffers(&dev, Type::VideoCapture, BUFFERS).map_err(|e| self.open_err(e))?;
+            stream.set_timeout(FRAME_TIMEOUT);
+            // Start streaming now and prove frames arrive: the stream then stays warm for triggers.
+            stream.next().map_err(|e| self.open_err(e))?;
+            let info = StreamInfo { format: s.format, width: got.width, height: got.height };
+            self.info = Some((info, got.stride));
+            self.stream = Some(stream);
+            self.dev = Some(dev);
+            Ok(info)
+        }
+
+        fn grab(&mut self) -> Result<Frame, CameraError> {
+            let device = self.name();
+            let grab_err = |source| CameraError::Grab { device: device.clone(), source };
+            let (Some(stream), Some((info, stride))) = (self.stream.as_mut(), self.info) else {
+                return Err(grab_err(io::Error::new(io::ErrorKind::NotConnected, "not streaming")));
+            };
+            // Frames the driver filled while nobody asked are stale: skip what is queued, then take a fresh one.
+            let handle = stream.handle();
+            for _ in 0..BUFFERS {
+                if handle.poll(POLLIN, 0).map_err(grab_err)? == 0 {
+                    break;
+                }
+                stream.next().map_err(grab_err)?;
+            }
+            let (buf, meta) = stream.next().map_err(grab_err)?;
+            let used = (meta.bytesused as usize).min(buf.len());
+            Ok(Frame {
+                format: info.format,
+                width: info.width,
+                height: info.height,
+                stride,
+                data: buf[..used].to_vec(),
+            })
+        }
+
+        fn close(&mut self) {
+            self.stream = None;
+            self.dev = None;
+            self.info = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yuyv_known_colours() {
+        // BT.601 limited range: black, white, red, green, blue as cameras encode them.
+        let cases = [
+            ([16, 128, 128], [0, 0, 0]),
+            ([235, 128, 128], [255, 255, 255]),
+            ([81, 90, 240], [255, 0, 0]),
+            ([145, 54, 34], [0, 255, 0]),
+            ([41, 240, 110], [0, 0, 255]),
+        ];
+        for ([y, u, v], rgb) in cases {
+            let img = yuyv_to_rgb(&[y, u, y, v], 2, 1, 0).unwrap();
+            for px in img.pixels() {
+                for c in 0..3 {
+                    assert!((i32::from(px.0[c]) - rgb[c]).abs() <= 2, "{:?} -> {:?}, want {rgb:?}", [y, u, v], px.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn yuyv_honours_stride_odd_width_and_rejects_short_frames() {
+        // 3x2 with rows padded to 16 bytes; the padding is garbage that must not show.
+        let mut data = vec![0xAA; 16 * 2];
+        for row in 0..2 {
+            data[row * 16..row * 16 + 8].copy_from_slice(&[16, 128, 235, 128, 81, 90, 81, 240]);
+        }
+        let img = yuyv_to_rgb(&data, 3, 2, 16).unwrap();
+        assert_eq!(img.get_pixel(0, 1).0, [0, 0, 0]);
+        assert_eq!(img.get_pixel(1, 1).0, [255, 255, 255]);
+        assert!(img.get_pixel(2, 0).0[0] > 250);
+        assert!(matches!(yuyv_to_rgb(&data[..20], 3, 2, 16), Err(FrameError::Short { .. })));
+        assert!(matches!(yuyv_to_rgb(&data, 3, 2, 4), Err(FrameError::Short { .. })));
+        assert!(matches!(yuyv_to_rgb(&data, 0, 2, 0), Err(FrameError::Empty { .. })));
+    }
+
+    #[test]
+    fn mjpeg_frames_must_be_jpeg() {
+        let f = Frame { format: PixelFormat::Mjpeg, width: 1, height: 1, stride: 0, data: b"GIF89a".to_vec() };
+        assert!(matches!(frame_to_jpeg(&f, 90), Err(FrameError::NotJpeg)));
+    }
+
+    #[cfg(feature = "v4l2")]
+    #[test]
+    fn a_missing_device_is_an_open_error_naming_it() {
+        let mut g = device::V4l2Grabber::new("/dev/attrd-no-such-camera".into());
+        let err = g.open(&V4l2Config::default().settings()).unwrap_err();
+        assert!(matches!(err, CameraError::Open { .. }), "{err:?}");
+        assert!(err.to_string().contains("/dev/attrd-no-such-camera"), "{err}");
+        assert!(g.grab().is_err());
+    }
+
+    #[test]
+    fn camera_id_defaults_to_the_device_name() {
+        let c = V4l2Config::default();
+        assert_eq!(c.camera_id(), "video0");
+        let c: V4l2Config =
+            serde_json::from_str(r#"{"device":"/dev/video2","interval":"2s","format":"yuyv"}"#).unwrap();
+        assert_eq!(c.interval, Some(Duration::from_secs(2)));
+        assert_eq!(c.format, PixelFormat::Yuyv);
+    }
+}
