@@ -182,6 +182,12 @@ pub fn resolve_library(configured: Option<&Path>) -> PathBuf {
     PathBuf::from("libonnxruntime.so")
 }
 
+/// The process's ONNX Runtime environment (ORT allows only one), loading the library on first use. For code that
+/// builds its own sessions, e.g. the trainer's quantizer and tests.
+pub fn environment(cfg: &EngineConfig) -> Result<Arc<ort::environment::Environment>, EngineError> {
+    Ok(runtime(cfg)?.env.clone())
+}
+
 /// The ORT library actually loaded in this process, if any.
 pub fn loaded_library() -> Option<&'static Path> {
     RUNTIME.get().and_then(|r| r.as_ref().ok()).map(|r| r.library.as_path())

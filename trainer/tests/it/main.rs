@@ -1,5 +1,6 @@
 //! The trainer crate's single integration-test binary; each module covers one area.
 
+mod lifecycle;
 mod onnx;
 mod ort_rt;
 #[cfg(feature = "torch")]

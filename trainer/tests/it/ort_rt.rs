@@ -8,10 +8,12 @@ use ort::value::TensorRef;
 use std::sync::OnceLock;
 use trainer::onnx::{self, proto::ModelProto};
 
-/// ONNX Runtime allows one environment per process and tests run on many threads, so it is built once.
 pub fn env() -> &'static Environment {
-    static ENV: OnceLock<Environment> = OnceLock::new();
-    ENV.get_or_init(|| ort::init().with_name("trainer-onnx-tests").build().expect("ONNX Runtime environment"))
+    // attrd's engine and these tests share one process, and ORT allows one environment per process: use attrd's.
+    static ENV: OnceLock<std::sync::Arc<Environment>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        attrd::engine::environment(&attrd::engine::EngineConfig::cpu()).expect("ONNX Runtime environment")
+    })
 }
 
 pub fn session(model: &ModelProto) -> Session {
