@@ -311,15 +311,9 @@ async fn handle_commands(
 }
 
 fn model_json(engine: &Engine) -> serde_json::Value {
-    let m = engine.manifest();
-    json!({
-        "name": m.name,
-        "version": m.version.to_string(),
-        "sha256": engine.model_sha256(),
-        "precision": m.precision.as_str(),
-        "execution_provider": engine.providers().active.as_str(),
-        "fallbacks": engine.providers().fallbacks,
-    })
+    let mut v = serde_json::to_value(attrd::payload::ModelInfo::of(engine)).unwrap_or_default();
+    v["fallbacks"] = serde_json::to_value(&engine.providers().fallbacks).unwrap_or_default();
+    v
 }
 
 fn publish_model_state(mqtt: &PublisherHandle, topics: &Topics, engine: &Engine, report: &models::SelfTestReport) {

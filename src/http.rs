@@ -473,29 +473,7 @@ struct InferQuery {
     sku: Option<String>,
 }
 
-/// The model that produced a result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelInfo {
-    pub name: String,
-    pub version: String,
-    /// SHA-256 of the ONNX file.
-    pub sha256: String,
-    pub precision: String,
-    pub execution_provider: String,
-}
-
-impl ModelInfo {
-    pub fn of(engine: &Engine) -> Self {
-        let m = engine.manifest();
-        ModelInfo {
-            name: m.name.clone(),
-            version: m.version.to_string(),
-            sha256: engine.model_sha256().to_string(),
-            precision: m.precision.as_str().to_string(),
-            execution_provider: engine.providers().active.as_str().to_string(),
-        }
-    }
-}
+pub use crate::payload::ModelInfo;
 
 /// `POST /v1/infer` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

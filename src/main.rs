@@ -285,17 +285,8 @@ fn open_bundle(dir: &Path, trusted_keys: &[PathBuf], allow_unsigned: bool) -> Re
 struct InferLine<'a> {
     image: String,
     sha256: String,
-    model: ModelInfo<'a>,
+    model: &'a attrd::payload::ModelInfo,
     attributes: &'a attrd::engine::Attributes,
-}
-
-#[derive(Serialize, Clone)]
-struct ModelInfo<'a> {
-    name: &'a str,
-    version: String,
-    sha256: &'a str,
-    precision: &'a str,
-    execution_provider: &'a str,
 }
 
 fn infer(args: InferArgs) -> Result<ExitCode> {
@@ -306,13 +297,7 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
     let pre = Preprocessor::new(bundle.manifest().input.clone(), Limits::default())
         .context("the bundle's input spec is invalid")?;
     let m = engine.manifest();
-    let model = ModelInfo {
-        name: &m.name,
-        version: m.version.to_string(),
-        sha256: engine.model_sha256(),
-        precision: m.precision.as_str(),
-        execution_provider: engine.providers().active.as_str(),
-    };
+    let model = attrd::payload::ModelInfo::of(&engine);
     let mut failures = 0usize;
     let stdout = std::io::stdout();
     for chunk in args.images.chunks(args.batch as usize) {
@@ -337,12 +322,8 @@ fn infer(args: InferArgs) -> Result<ExitCode> {
         let attrs = out.attributes(m);
         let mut w = stdout.lock();
         for ((path, _, sha), a) in ok.iter().zip(&attrs) {
-            let line = InferLine {
-                image: path.display().to_string(),
-                sha256: sha.clone(),
-                model: model.clone(),
-                attributes: a,
-            };
+            let line =
+                InferLine { image: path.display().to_string(), sha256: sha.clone(), model: &model, attributes: a };
             serde_json::to_writer(&mut w, &line)?;
             writeln!(w)?;
         }

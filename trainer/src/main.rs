@@ -44,35 +44,7 @@ enum Command {
         keep_classifier: bool,
     },
     /// Export canonical weights with their ImageNet classifier as a bundle (ONNX + manifest).
-    ExportImagenet {
-        /// Canonical weights (from import-weights --keep-classifier).
-        weights: PathBuf,
-        /// Text file with one class name per line, in output order.
-        #[arg(long)]
-        classes: PathBuf,
-        /// Bundle name.
-        #[arg(long, default_value = "imagenet")]
-        name: String,
-        /// Bundle version.
-        #[arg(long, default_value = "1.0.0")]
-        version: semver::Version,
-        /// Input size (square).
-        #[arg(long, default_value_t = 224)]
-        size: u32,
-        /// PKCS#8 PEM private key to sign the bundle with (unsigned when omitted).
-        #[arg(long)]
-        signing_key: Option<PathBuf>,
-        /// Images for the golden set: their fp32 CPU probabilities become the reference every execution provider
-        /// must reproduce before the bundle may serve.
-        #[arg(long = "golden")]
-        golden: Vec<PathBuf>,
-        /// Largest probability difference the golden set allows (TF32 GPUs differ from fp32 CPUs by about 2e-3).
-        #[arg(long, default_value_t = 5e-3)]
-        golden_tolerance: f32,
-        /// Bundle directory to create.
-        #[arg(short, long)]
-        output: PathBuf,
-    },
+    ExportImagenet(ImagenetExport),
     /// Create an ed25519 key pair for signing bundles: `<stem>.key` (private) and `<stem>.pub`.
     Keygen {
         /// Path stem of the files to write.
@@ -128,27 +100,7 @@ fn run(cmd: Command) -> Result<()> {
             );
             Ok(())
         }
-        Command::ExportImagenet {
-            weights,
-            classes,
-            name,
-            version,
-            size,
-            signing_key,
-            golden,
-            golden_tolerance,
-            output,
-        } => export_imagenet(ImagenetExport {
-            weights,
-            classes,
-            name,
-            version,
-            size,
-            signing_key,
-            golden,
-            golden_tolerance,
-            output,
-        }),
+        Command::ExportImagenet(args) => export_imagenet(args),
         Command::Keygen { stem } => {
             let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
             let (private, public) = bundle::write_keypair(&key, &stem)?;
@@ -180,15 +132,34 @@ fn imagenet_input(size: u32) -> InputSpec {
     }
 }
 
+#[derive(clap::Args)]
 struct ImagenetExport {
+    /// Canonical weights (from import-weights --keep-classifier).
     weights: PathBuf,
+    /// Text file with one class name per line, in output order.
+    #[arg(long)]
     classes: PathBuf,
+    /// Bundle name.
+    #[arg(long, default_value = "imagenet")]
     name: String,
+    /// Bundle version.
+    #[arg(long, default_value = "1.0.0")]
     version: semver::Version,
+    /// Input size (square).
+    #[arg(long, default_value_t = 224)]
     size: u32,
+    /// PKCS#8 PEM private key to sign the bundle with (unsigned when omitted).
+    #[arg(long)]
     signing_key: Option<PathBuf>,
+    /// Images for the golden set: their fp32 CPU probabilities become the reference every execution provider
+    /// must reproduce before the bundle may serve.
+    #[arg(long = "golden")]
     golden: Vec<PathBuf>,
+    /// Largest probability difference the golden set allows (TF32 GPUs differ from fp32 CPUs by about 2e-3).
+    #[arg(long, default_value_t = 5e-3)]
     golden_tolerance: f32,
+    /// Bundle directory to create.
+    #[arg(short, long)]
     output: PathBuf,
 }
 
