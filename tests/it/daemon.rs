@@ -227,3 +227,37 @@ fn config_errors_are_specific() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Commands over MQTT: a capture with no cameras configured and a malformed one both get a specific reply; the daemon
+/// keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_commands_get_replies_and_bad_ones_do_not_hurt() {
+    let broker = Mosquitto::start();
+    let node = Node::new("it-cmd", broker.port);
+    let sub = Sub::start(broker.port, "it-cmd-sub", &[&format!("attrd/{}/cmd/+/response", node.name)], false).await;
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+    // The publisher subscribes right after connecting; give it a moment before sending.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let send = |payload: &str| {
+        let st = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1", "-t"])
+            .arg(format!("attrd/{}/cmd/capture", node.name))
+            .args(["-m", payload])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    send(r#"{"sku": "SKU-1"}"#);
+    send("{not json");
+    send(r#"{"sku": "a/b#c"}"#);
+    let topic = format!("attrd/{}/cmd/capture/response", node.name);
+    let replies = sub.wait_for("three replies", 15, |m| m.iter().filter(|m| m.topic == topic).count() >= 3).await;
+    let texts: Vec<String> = replies.iter().filter(|m| m.topic == topic).map(|m| m.text()).collect();
+    assert!(texts.iter().any(|t| t.contains("no cameras are configured")), "{texts:#?}");
+    assert!(texts.iter().all(|t| t.contains("\"ok\":false")), "{texts:#?}");
+    assert!(texts.len() >= 3, "{texts:#?}");
+    assert!(child.try_wait().unwrap().is_none(), "attrd died:\n{}", node.log());
+    child.kill().unwrap();
+    let _ = child.wait();
+}
