@@ -221,7 +221,7 @@ async fn outbox_writer(
         let outcome = async {
             let topic = topics.result(&f.topic_sku).map_err(|e| e.to_string())?;
             let payload = serde_json::to_value(&f.payload).map_err(|e| e.to_string())?;
-            outbox.enqueue(topic, payload, 1, false).await.map_err(|e| e.to_string())?;
+            outbox.enqueue_with_id(topic, payload, 1, false, result_id(&f)).await.map_err(|e| e.to_string())?;
             Ok::<(), String>(())
         }
         .await;
@@ -233,6 +233,19 @@ async fn outbox_writer(
         metrics.set_outbox(d.messages, d.bytes);
         let _ = f.durable.send(outcome);
     }
+}
+
+/// The `message_id` of a result: derived from what it is about (node, SKU, the photos by hash, the model), so a photo
+/// processed again after a crash carries the same id and subscribers can drop the repeat.
+fn result_id(f: &Finished) -> uuid::Uuid {
+    let p = &f.payload;
+    let mut photos: Vec<&str> = std::iter::once(p.source.image_sha256.as_str())
+        .chain(p.views.iter().map(|v| v.source.image_sha256.as_str()))
+        .collect();
+    photos.sort_unstable();
+    photos.dedup();
+    let key = format!("{}\n{}\n{}\n{}", p.node, p.sku, photos.join(","), p.model.sha256);
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, key.as_bytes())
 }
 
 /// Turns capture requests (HTTP or MQTT) into camera triggers.

@@ -18,7 +18,7 @@ use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 /// Schema version written to `PRAGMA user_version`; `open` migrates older files step by step.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// Upper bound of operations committed in one transaction, so one reply never waits behind an unbounded burst.
 const MAX_GROUP: usize = 512;
 /// How often the "outbox full" alarm may be logged.
@@ -241,6 +241,7 @@ enum Write {
         payload: serde_json::Map<String, serde_json::Value>,
         qos: u8,
         retain: bool,
+        message_id: Uuid,
         reply: oneshot::Sender<Result<Enqueued, OutboxError>>,
     },
     Ack {
@@ -290,6 +291,21 @@ impl Outbox {
         qos: u8,
         retain: bool,
     ) -> Result<Enqueued, OutboxError> {
+        self.enqueue_with_id(topic, payload, qos, retain, Uuid::now_v7()).await
+    }
+
+    /// Like [`enqueue`](Self::enqueue) with a caller-chosen `message_id`, derived from what the message is about (the
+    /// daemon uses node, SKU, image hashes and model): if a message with this id is still waiting, nothing is added and
+    /// the waiting one is returned. So a photo processed again after a crash yields the same `message_id`, and a
+    /// subscriber sees at most duplicates of one id, never two results for one photo.
+    pub async fn enqueue_with_id(
+        &self,
+        topic: String,
+        payload: serde_json::Value,
+        qos: u8,
+        retain: bool,
+        message_id: Uuid,
+    ) -> Result<Enqueued, OutboxError> {
         if qos > 2 {
             return Err(OutboxError::InvalidQos(qos));
         }
@@ -301,7 +317,7 @@ impl Outbox {
             other => return Err(OutboxError::NotAnObject(json_kind(&other))),
         };
         let (reply, rx) = oneshot::channel();
-        self.send(Op::Write(Write::Enqueue { topic, payload, qos, retain, reply }))?;
+        self.send(Op::Write(Write::Enqueue { topic, payload, qos, retain, message_id, reply }))?;
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
@@ -400,6 +416,10 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OutboxError> {
              INSERT INTO meta (key, value) VALUES ('next_seq', 1);",
         )
         .map_err(open_err)?;
+    }
+    if version < 2 {
+        // Idempotent enqueues look messages up by id.
+        tx.execute_batch("CREATE INDEX IF NOT EXISTS outbox_message_id ON outbox (message_id);").map_err(open_err)?;
     }
     if version != SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(open_err)?;
@@ -551,7 +571,7 @@ impl Worker {
             let mut deleted_any = false;
             for op in rest.by_ref() {
                 match op {
-                    Write::Enqueue { topic, payload, qos, retain, reply } => {
+                    Write::Enqueue { topic, payload, qos, retain, message_id, reply } => {
                         pending.push(Pending::Enqueued(reply, None));
                         let r = insert(
                             &tx,
@@ -563,6 +583,7 @@ impl Worker {
                             payload,
                             qos,
                             retain,
+                            message_id,
                         )?;
                         deleted_any |= r.as_ref().is_ok_and(|(_, dropped)| *dropped);
                         enqueued += u64::from(r.is_ok());
@@ -648,9 +669,16 @@ fn insert(
     mut payload: serde_json::Map<String, serde_json::Value>,
     qos: u8,
     retain: bool,
+    message_id: Uuid,
 ) -> Result<Result<(Enqueued, bool), OutboxError>, rusqlite::Error> {
+    let waiting: Option<(i64, i64)> = tx
+        .prepare_cached("SELECT id, seq FROM outbox WHERE message_id = ?1")?
+        .query_row([message_id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((id, seq)) = waiting {
+        return Ok(Ok((Enqueued { id, seq: u64::try_from(seq).unwrap_or(0), message_id }, false)));
+    }
     let seq = *next_seq;
-    let message_id = Uuid::now_v7();
     payload.insert("seq".into(), seq.into());
     payload.insert("message_id".into(), message_id.to_string().into());
     let text = serde_json::Value::Object(payload).to_string();

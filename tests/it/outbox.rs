@@ -203,7 +203,7 @@ async fn a_newer_schema_is_refused() {
     drop(Outbox::open(&c).unwrap());
     rusqlite_set_user_version(&c.path, 99);
     let err = Outbox::open(&c).unwrap_err();
-    assert!(matches!(err, OutboxError::SchemaTooNew { found: 99, supported: 1, .. }), "{err:?}");
+    assert!(matches!(err, OutboxError::SchemaTooNew { found: 99, supported: 2, .. }), "{err:?}");
 }
 
 /// Bumps `user_version` with the sqlite3 format's header field (offset 60, big-endian), without an SQLite client.
@@ -320,4 +320,30 @@ fn a_full_disk_gives_errors_not_panics_and_loses_nothing() {
         assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=accepted).collect::<Vec<_>>());
         assert_eq!(put(&o, 0).await.seq, accepted + 1);
     });
+}
+
+/// A message with a caller-chosen id is stored once while it waits; after it was acknowledged the same id may be
+/// stored (and published) again — a duplicate with the same `message_id`, which subscribers drop.
+#[tokio::test]
+async fn enqueue_with_id_is_idempotent_while_the_message_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outbox::open(&cfg(dir.path())).unwrap();
+    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, b"node/sku/photo");
+    let a = o.enqueue_with_id("attrd/it/results/a".into(), json!({"n": 1}), 1, false, id).await.unwrap();
+    let b = o.enqueue_with_id("attrd/it/results/a".into(), json!({"n": 2}), 1, false, id).await.unwrap();
+    assert_eq!((a.id, a.seq, a.message_id), (b.id, b.seq, b.message_id));
+    assert_eq!(o.depth().messages, 1);
+    let batch = o.next_batch(None, 10).await.unwrap();
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].payload["n"], 1, "the first stored version is kept");
+    assert_eq!(batch[0].payload["message_id"], id.to_string());
+    o.ack(a.id).await.unwrap();
+    let c = o.enqueue_with_id("attrd/it/results/a".into(), json!({"n": 3}), 1, false, id).await.unwrap();
+    assert_ne!(c.id, a.id);
+    assert_eq!(c.message_id, id);
+    // Survives reopening (the lookup index is part of the schema).
+    drop(o);
+    let o = Outbox::open(&cfg(dir.path())).unwrap();
+    let d = o.enqueue_with_id("attrd/it/results/a".into(), json!({"n": 4}), 1, false, id).await.unwrap();
+    assert_eq!(d.id, c.id);
 }
