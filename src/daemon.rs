@@ -18,6 +18,7 @@ use attrd::outbox::Outbox;
 use attrd::pipeline::{Finished, Pipeline};
 use attrd::sources::{self, ShutdownSignal, Trigger};
 use attrd::systemd::{Heartbeat, Notifier};
+use attrd::util::now_rfc3339;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -339,10 +340,6 @@ fn publish_model_state(mqtt: &PublisherHandle, topics: &Topics, engine: &Engine,
     if let Err(e) = mqtt.publish_retained(topics.model_state(), &payload) {
         tracing::warn!(error = %e, "could not queue the model state");
     }
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 async fn publish_status(

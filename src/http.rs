@@ -16,6 +16,7 @@ use crate::bundle::sha256_bytes;
 use crate::engine::{Attributes, Engine, EngineError};
 use crate::metrics::{ErrorKind, Metrics, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, Stage};
 use crate::preprocess::{Limits, PreprocessError, Preprocessor};
+use crate::util::error_chain;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -402,21 +403,6 @@ impl IntoResponse for ApiError {
         }
         resp
     }
-}
-
-/// `e` and its sources, `": "`-separated: the decoder's own reason is what tells a client what is wrong.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let msg = inner.to_string();
-        if !s.ends_with(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 fn body_error(e: BytesRejection, limit: usize) -> ApiError {

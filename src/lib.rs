@@ -13,3 +13,4 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod sources;
 pub mod systemd;
+pub mod util;

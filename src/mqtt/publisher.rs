@@ -14,6 +14,7 @@
 //!   `Outgoing::Publish(pkid)`). This task is the only sender on the connection's client, so a FIFO of what it
 //!   sent maps each reported pkid to its outbox row; `PubAck`/`PubComp` then acknowledges that row.
 
+use crate::util::{error_chain, now_rfc3339};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -794,25 +795,4 @@ impl Session<'_> {
         }
         self.phase = Phase::Disconnecting(Instant::now() + DISCONNECT_TIMEOUT);
     }
-}
-
-fn now_rfc3339() -> String {
-    // RFC 3339 formatting of a UTC timestamp cannot fail for years 0..=9999.
-    OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
-}
-
-/// An error and its sources on one line, for logs and the status page.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let text = c.to_string();
-        // Some errors (rumqttc's among them) already print their source; don't say it twice.
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
 }

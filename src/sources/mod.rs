@@ -269,17 +269,7 @@ pub async fn run_all(sources: Vec<Box<dyn Source>>, tx: mpsc::Sender<Shot>, shut
     }
 }
 
-/// `error: cause: cause…` on one line, for logs and outcome reasons.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use crate::util::error_chain;
 
 /// Exponential backoff between `min` and `max`: `min * 2^attempt`, capped.
 pub(crate) fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
