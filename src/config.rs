@@ -82,11 +82,30 @@ pub struct ModelsConfig {
     /// A bundle (directory or `.tar`) installed and activated at start-up when no model is active yet, so a fresh box
     /// comes up serving. It must be signed by a trusted key like any other bundle.
     pub bootstrap: Option<PathBuf>,
+    /// Model names whose bundles are received over MQTT (`<prefix>/models/<name>`, see `docs/mqtt.md`); `"*"`
+    /// accepts every name. Empty: nothing is received. Received bundles are verified like any other.
+    pub receive: Vec<String>,
+    /// Activate a received bundle once installed (after its golden set passes on this box's provider). When false
+    /// it is only installed, for `attrd model activate`.
+    pub receive_activate: bool,
+    /// Largest bundle archive accepted over MQTT, in bytes.
+    pub receive_max_bytes: u64,
+    /// How long the chunks of an announced bundle may take to arrive before the transfer is retried.
+    #[serde(with = "humantime_serde")]
+    pub receive_timeout: std::time::Duration,
 }
 
 impl Default for ModelsConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::from("/var/lib/attrd/models"), trusted_keys: Vec::new(), bootstrap: None }
+        Self {
+            dir: PathBuf::from("/var/lib/attrd/models"),
+            trusted_keys: Vec::new(),
+            bootstrap: None,
+            receive: Vec::new(),
+            receive_activate: true,
+            receive_max_bytes: 256 * 1024 * 1024,
+            receive_timeout: std::time::Duration::from_secs(120),
+        }
     }
 }
 
@@ -206,6 +225,17 @@ impl Config {
             && !b.exists()
         {
             return bad(format!("models.bootstrap {} does not exist", b.display()));
+        }
+        for name in self.models.receive.iter().filter(|n| n.as_str() != "*") {
+            crate::mqtt::Topics::new("attrd", "n")
+                .and_then(|t| t.models(name))
+                .map_err(|e| ConfigError::Invalid(format!("models.receive: {e}")))?;
+        }
+        if self.models.receive.iter().any(|n| n == "*") && self.models.receive.len() > 1 {
+            return bad("models.receive: \"*\" already means every name; list no others".into());
+        }
+        if self.models.receive_timeout.is_zero() {
+            return bad("models.receive_timeout must be greater than 0".into());
         }
         self.pipeline.validate().map_err(|e| ConfigError::Invalid(format!("pipeline: {e}")))?;
         self.mqtt.validate().map_err(|e| ConfigError::Invalid(format!("mqtt: {e}")))?;

@@ -100,6 +100,11 @@ impl ModelStore {
         &self.dir
     }
 
+    /// Whether a bundle with store id `id` is installed.
+    pub fn contains(&self, id: &str) -> bool {
+        !id.contains(['/', '\\']) && id != ".." && Bundle::open(self.dir.join(id)).is_ok()
+    }
+
     fn verify(&self, b: &Bundle) -> Result<Option<String>, ModelError> {
         match b.verify(&self.trusted) {
             Ok(SignatureStatus::Verified { key_id }) => Ok(Some(key_id)),
@@ -258,7 +263,12 @@ impl ModelStore {
 }
 
 fn bundle_id(b: &Bundle) -> String {
-    format!("{}-{}", b.manifest().name, b.manifest().version)
+    id_of(&b.manifest().name, &b.manifest().version.to_string())
+}
+
+/// The store id (and directory name) of bundle `name` at `version`.
+pub fn id_of(name: &str, version: &str) -> String {
+    format!("{name}-{version}")
 }
 
 /// Loads a bundle and runs its self-test on the providers it actually got.

@@ -4,6 +4,7 @@
 
 mod publisher;
 pub mod topics;
+pub mod transfer;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Once};
@@ -13,8 +14,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
-pub use publisher::{Connection, IncomingCommand, Publisher, PublisherHandle, PublisherState};
-pub use topics::{CommandKind, CommandTopic, TopicError, Topics};
+pub use publisher::{Connection, IncomingCommand, ModelMessage, Publisher, PublisherHandle, PublisherState};
+pub use topics::{CommandKind, CommandTopic, ModelTopic, TopicError, Topics};
 
 /// How to reach the broker and how to behave on it.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -229,6 +230,24 @@ impl MqttConfig {
             return bad("tls.client_cert_file and tls.client_key_file go together");
         }
         Ok(())
+    }
+
+    /// rumqttc options for a connection as `client_id` with this configuration's broker, keep-alive, credentials
+    /// and TLS; the caller adds session, will and window settings.
+    pub fn client_options(&self, client_id: &str) -> Result<rumqttc::MqttOptions, MqttError> {
+        self.validate()?;
+        let mut opts = rumqttc::MqttOptions::new(client_id, self.host.clone(), self.port);
+        opts.set_keep_alive(self.keep_alive);
+        if let Some(user) = &self.username {
+            opts.set_credentials(user.clone(), self.read_password()?.unwrap_or_default());
+        }
+        if let Some(tls) = &self.tls {
+            let config = tls_client_config(tls)?;
+            opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(
+                config,
+            ))));
+        }
+        Ok(opts)
     }
 
     /// The password from `password` or `password_file`.

@@ -15,15 +15,13 @@
 //!   sent maps each reported pkid to its outbox row; `PubAck`/`PubComp` then acknowledges that row.
 
 use crate::util::{error_chain, now_rfc3339};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode,
-    TlsConfiguration, Transport,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -32,7 +30,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::topics::{CommandKind, CommandTopic, Topics};
+use super::topics::{CommandKind, CommandTopic, ModelTopic, Topics};
 use super::{MqttConfig, MqttError};
 use crate::outbox::{Outbox, OutboxError};
 
@@ -121,7 +119,25 @@ impl PublisherState {
 enum Request {
     Retained { topic: String, payload: Vec<u8> },
     Respond { topic: String, payload: Vec<u8> },
+    Subscribe(String),
+    Unsubscribe(String),
 }
+
+/// A message received on a model topic (`<prefix>/models/…`, see [`super::transfer`]) through a filter added with
+/// [`PublisherHandle::subscribe`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelMessage {
+    /// What the topic is.
+    pub topic: ModelTopic,
+    /// The raw payload (empty when a retained message was cleared).
+    pub payload: Vec<u8>,
+    /// Whether the broker delivered it as a retained message.
+    pub retain: bool,
+}
+
+/// Model messages waiting for the daemon. A chunk that does not fit is dropped and logged; the receiver asks for it
+/// again by re-subscribing, since every model message is retained.
+const MODEL_QUEUE: usize = 64;
 
 /// Cheap handle for publishing status and command replies; these bypass the outbox.
 #[derive(Clone)]
@@ -149,6 +165,18 @@ impl PublisherHandle {
     pub fn respond(&self, topic: String, payload: &serde_json::Value) -> Result<(), MqttError> {
         check_topic(&topic)?;
         self.send(Request::Respond { topic, payload: payload.to_string().into_bytes() })
+    }
+
+    /// Subscribes to `filter` (QoS 1) now if connected and again after every reconnect, which also makes the broker
+    /// deliver its retained messages again. Messages on model topics arrive on [`Publisher::take_model_messages`];
+    /// other topics outside `cmd/` are not routed anywhere.
+    pub fn subscribe(&self, filter: String) -> Result<(), MqttError> {
+        self.send(Request::Subscribe(filter))
+    }
+
+    /// Ends a subscription made with [`PublisherHandle::subscribe`].
+    pub fn unsubscribe(&self, filter: String) -> Result<(), MqttError> {
+        self.send(Request::Unsubscribe(filter))
     }
 
     /// The topics of this node.
@@ -179,6 +207,7 @@ pub struct Publisher {
     state: watch::Receiver<PublisherState>,
     shutdown: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
+    models: Option<mpsc::Receiver<ModelMessage>>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -191,28 +220,20 @@ impl Publisher {
     /// Validates `cfg`, reads the password and TLS files, and spawns the publisher task on the current Tokio
     /// runtime (it must be called inside one). Returns the receiver of commands addressed to this node.
     pub fn start(cfg: &MqttConfig, outbox: Outbox) -> Result<(Self, mpsc::Receiver<IncomingCommand>), MqttError> {
-        cfg.validate()?;
         let topics = cfg.topics()?;
-        let mut opts = MqttOptions::new(cfg.client_id(), cfg.host.clone(), cfg.port);
+        let mut opts = cfg.client_options(&cfg.client_id())?;
         // Automatic acks for incoming commands: with a clean session the broker would never redeliver a command we
         // left unacknowledged, so manual acks would add bookkeeping without adding delivery. A command that cannot
         // be queued gets an explicit `busy` reply instead.
-        opts.set_keep_alive(cfg.keep_alive)
-            .set_clean_session(true)
+        opts.set_clean_session(true)
             .set_manual_acks(false)
             .set_inflight(cfg.max_in_flight.saturating_add(PKID_HEADROOM))
             .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
             .set_last_will(LastWill::new(topics.available(), "offline", QoS::AtLeastOnce, true));
-        if let Some(user) = &cfg.username {
-            opts.set_credentials(user.clone(), cfg.read_password()?.unwrap_or_default());
-        }
-        if let Some(tls) = &cfg.tls {
-            let config = super::tls_client_config(tls)?;
-            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(config))));
-        }
 
         let (req_tx, req_rx) = mpsc::channel(REQUEST_QUEUE);
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue);
+        let (model_tx, model_rx) = mpsc::channel(MODEL_QUEUE);
         let (state_tx, state) = watch::channel(PublisherState::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let handle = PublisherHandle { tx: req_tx, topics: topics.clone() };
@@ -231,6 +252,8 @@ impl Publisher {
             outbox,
             requests: req_rx,
             commands: cmd_tx,
+            models: model_tx,
+            subscriptions: BTreeSet::new(),
             state: state_tx,
             shutdown: shutdown_rx,
             retained: BTreeMap::new(),
@@ -241,7 +264,12 @@ impl Publisher {
         tracing::info!(host = %cfg.host, port = cfg.port, client_id = %cfg.client_id(), node = ctx.topics.node(),
             tls = cfg.tls.is_some(), "MQTT publisher starting");
         let task = tokio::spawn(ctx.run());
-        Ok((Self { handle, state, shutdown, task: Some(task) }, cmd_rx))
+        Ok((Self { handle, state, shutdown, task: Some(task), models: Some(model_rx) }, cmd_rx))
+    }
+
+    /// The receiver of messages on model topics (see [`PublisherHandle::subscribe`]); `None` after the first call.
+    pub fn take_model_messages(&mut self) -> Option<mpsc::Receiver<ModelMessage>> {
+        self.models.take()
     }
 
     /// A handle for status, model state and command replies.
@@ -302,6 +330,9 @@ struct Ctx {
     tail: watch::Receiver<u64>,
     requests: mpsc::Receiver<Request>,
     commands: mpsc::Sender<IncomingCommand>,
+    models: mpsc::Sender<ModelMessage>,
+    /// Filters added through handles, subscribed again on every connect (the session is clean).
+    subscriptions: BTreeSet<String>,
     state: watch::Sender<PublisherState>,
     shutdown: watch::Receiver<bool>,
     /// Latest retained payload per topic, re-published on every connect.
@@ -372,6 +403,12 @@ impl Ctx {
                     }
                     Request::Respond { topic, .. } => {
                         tracing::warn!(topic, "command reply dropped: not connected to the broker");
+                    }
+                    Request::Subscribe(f) => {
+                        self.subscriptions.insert(f);
+                    }
+                    Request::Unsubscribe(f) => {
+                        self.subscriptions.remove(&f);
                     }
                 },
                 Some(r) = self.acks.join_next(), if !self.acks.is_empty() => log_ack(r),
@@ -610,6 +647,11 @@ impl Session<'_> {
         if let Err(e) = self.client.try_subscribe(self.ctx.topics.cmd_filter(), QoS::AtLeastOnce) {
             tracing::error!(error = %e, "cannot subscribe to commands");
         }
+        for f in &self.ctx.subscriptions {
+            if let Err(e) = self.client.try_subscribe(f.as_str(), QoS::AtLeastOnce) {
+                tracing::error!(filter = %f, error = %e, "cannot subscribe");
+            }
+        }
         let retained: Vec<(String, Vec<u8>)> = self.ctx.retained.iter().map(|(t, p)| (t.clone(), p.clone())).collect();
         for (topic, payload) in retained {
             self.publish(topic, payload, true, Tag::Other);
@@ -651,6 +693,22 @@ impl Session<'_> {
                     tracing::warn!(topic, "command reply dropped: not connected to the broker");
                 }
             }
+            Request::Subscribe(f) => {
+                if self.connected
+                    && let Err(e) = self.client.try_subscribe(f.as_str(), QoS::AtLeastOnce)
+                {
+                    tracing::error!(filter = %f, error = %e, "cannot subscribe");
+                }
+                self.ctx.subscriptions.insert(f);
+            }
+            Request::Unsubscribe(f) => {
+                if self.connected
+                    && let Err(e) = self.client.try_unsubscribe(f.as_str())
+                {
+                    tracing::warn!(filter = %f, error = %e, "cannot unsubscribe");
+                }
+                self.ctx.subscriptions.remove(&f);
+            }
         }
     }
 
@@ -670,6 +728,13 @@ impl Session<'_> {
 
     fn on_message(&mut self, p: rumqttc::Publish) {
         let topics = &self.ctx.topics;
+        if let Some(topic) = topics.parse_model(&p.topic) {
+            let msg = ModelMessage { topic, payload: p.payload.to_vec(), retain: p.retain };
+            if let Err(e) = self.ctx.models.try_send(msg) {
+                tracing::warn!(topic = %p.topic, error = %e, "model message dropped; the receiver will ask again");
+            }
+            return;
+        }
         let parsed = topics.parse_command(&p.topic);
         if let Ok(CommandTopic::Response(_)) = parsed {
             // Our own replies come back through the `cmd/#` subscription.

@@ -174,6 +174,56 @@ impl Topics {
         Ok(format!("{}/models/{name}", self.prefix))
     }
 
+    /// The subscription for model announcements: `<prefix>/models/<name>`, or `<prefix>/models/+` for every name
+    /// when `name` is `None`. Chunks live one level deeper, so neither filter delivers them.
+    pub fn models_filter(&self, name: Option<&str>) -> Result<String, TopicError> {
+        match name {
+            Some(n) => self.models(n),
+            None => Ok(format!("{}/models/+", self.prefix)),
+        }
+    }
+
+    /// `<prefix>/models/<name>/chunks/<transfer>/<index>`: one retained chunk of a shipped bundle. `transfer`
+    /// names one upload (the first 16 hex digits of the archive's SHA-256), so chunks of different versions never
+    /// mix.
+    pub fn model_chunk(&self, name: &str, transfer: &str, index: u32) -> Result<String, TopicError> {
+        check_segment("model name", name, MAX_NAME_LEN)?;
+        check_transfer(transfer)?;
+        Ok(format!("{}/models/{name}/chunks/{transfer}/{index}", self.prefix))
+    }
+
+    /// `<prefix>/models/<name>/chunks/<transfer>/+`: the subscription for one upload's chunks.
+    pub fn model_chunks_filter(&self, name: &str, transfer: &str) -> Result<String, TopicError> {
+        check_segment("model name", name, MAX_NAME_LEN)?;
+        check_transfer(transfer)?;
+        Ok(format!("{}/models/{name}/chunks/{transfer}/+", self.prefix))
+    }
+
+    /// Classifies a topic under `<prefix>/models/`; `None` for anything else (including malformed chunk topics,
+    /// which no attrd publishes).
+    pub fn parse_model(&self, topic: &str) -> Option<ModelTopic> {
+        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix("/models/")?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [name] => {
+                check_segment("model name", name, MAX_NAME_LEN).ok()?;
+                Some(ModelTopic::Announcement { name: (*name).to_owned() })
+            }
+            [name, "chunks", transfer, index] => {
+                check_segment("model name", name, MAX_NAME_LEN).ok()?;
+                check_transfer(transfer).ok()?;
+                // Only the canonical decimal form, so one chunk has exactly one topic.
+                let i: u32 = index.parse().ok()?;
+                (i.to_string() == *index).then(|| ModelTopic::Chunk {
+                    name: (*name).to_owned(),
+                    transfer: (*transfer).to_owned(),
+                    index: i,
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// Classifies a topic received on [`Topics::cmd_filter`].
     pub fn parse_command(&self, topic: &str) -> Result<CommandTopic, TopicError> {
         let cmd_base = format!("{}/cmd", self.base);
@@ -188,6 +238,38 @@ impl Topics {
             _ => Err(not_cmd()),
         }
     }
+}
+
+/// What a topic under `<prefix>/models/` is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelTopic {
+    /// `<prefix>/models/<name>`: the retained announcement of the current bundle of that name.
+    Announcement {
+        /// The model name.
+        name: String,
+    },
+    /// `<prefix>/models/<name>/chunks/<transfer>/<index>`: one chunk of an upload.
+    Chunk {
+        /// The model name.
+        name: String,
+        /// The upload it belongs to.
+        transfer: String,
+        /// Zero-based chunk index.
+        index: u32,
+    },
+}
+
+/// Length of a transfer id: the first 16 hex digits of the archive's SHA-256.
+pub const TRANSFER_ID_LEN: usize = 16;
+
+fn check_transfer(transfer: &str) -> Result<(), TopicError> {
+    if transfer.len() != TRANSFER_ID_LEN {
+        return Err(TopicError::TooLong { what: "transfer id", len: transfer.len(), max: TRANSFER_ID_LEN });
+    }
+    if let Some(ch) = transfer.chars().find(|c| !matches!(c, '0'..='9' | 'a'..='f')) {
+        return Err(TopicError::Forbidden { what: "transfer id", value: truncate(transfer, 80), ch });
+    }
+    Ok(())
 }
 
 fn truncate(s: &str, max_chars: usize) -> String {
@@ -256,6 +338,36 @@ mod tests {
         assert!(Topics::new("attrd/", "n").is_err());
         assert!(Topics::new("", "n").is_err());
         assert!(CommandKind::new("re load").is_err());
+    }
+
+    #[test]
+    fn model_topics_round_trip() {
+        let t = t();
+        let id = "0123456789abcdef";
+        assert_eq!(t.models_filter(None).unwrap(), "attrd/models/+");
+        assert_eq!(t.models_filter(Some("fashion")).unwrap(), "attrd/models/fashion");
+        let chunk = t.model_chunk("fashion", id, 7).unwrap();
+        assert_eq!(chunk, "attrd/models/fashion/chunks/0123456789abcdef/7");
+        assert_eq!(t.model_chunks_filter("fashion", id).unwrap(), "attrd/models/fashion/chunks/0123456789abcdef/+");
+        assert_eq!(
+            t.parse_model(&chunk),
+            Some(ModelTopic::Chunk { name: "fashion".into(), transfer: id.into(), index: 7 })
+        );
+        assert_eq!(t.parse_model("attrd/models/fashion"), Some(ModelTopic::Announcement { name: "fashion".into() }));
+        for bad in [
+            "attrd/models/fashion/chunks/0123456789abcdef/07",
+            "attrd/models/fashion/chunks/0123456789ABCDEF/1",
+            "attrd/models/fashion/chunks/0123/1",
+            "attrd/models/fashion/chunks/0123456789abcdef/-1",
+            "attrd/models/fashion/other",
+            "attrd/modelsx/fashion",
+            "other/models/fashion",
+            "attrd/edge-1/cmd/x",
+        ] {
+            assert_eq!(t.parse_model(bad), None, "{bad:?} parsed");
+        }
+        assert!(t.model_chunk("fashion", "xyz", 0).is_err());
+        assert!(t.model_chunk("a/b", id, 0).is_err());
     }
 
     #[test]

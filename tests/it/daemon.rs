@@ -16,6 +16,11 @@ struct Node {
 
 impl Node {
     fn new(name: &str, mqtt_port: u16) -> Self {
+        Self::with_models(name, mqtt_port, "")
+    }
+
+    /// `models_extra`: more lines for the `[models]` table.
+    fn with_models(name: &str, mqtt_port: u16, models_extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let http_port = free_port();
         let config = dir.path().join("attrd.toml");
@@ -29,6 +34,7 @@ providers = ["cpu"]
 dir = "models"
 trusted_keys = ["{key}"]
 bootstrap = "{bundle}"
+{models_extra}
 [[sources]]
 type = "hotfolder"
 dir = "hot"
@@ -264,4 +270,118 @@ async fn mqtt_commands_get_replies_and_bad_ones_do_not_hurt() {
     assert!(child.try_wait().unwrap().is_none(), "attrd died:\n{}", node.log());
     child.kill().unwrap();
     let _ = child.wait();
+}
+
+fn demo_signing_key() -> ed25519_dalek::SigningKey {
+    attrd::bundle::read_signing_key(&repo().join("config/keys/attrd-demo.key")).unwrap()
+}
+
+async fn ship(port: u16, bundle_dir: &std::path::Path) -> attrd::mqtt::transfer::ShipReport {
+    let cfg = attrd::mqtt::MqttConfig {
+        host: "127.0.0.1".into(),
+        port,
+        node: Some("it-shipper".into()),
+        ..Default::default()
+    };
+    let opts = attrd::mqtt::transfer::ShipOptions { chunk_size: 512 * 1024, ..Default::default() };
+    let bundle = attrd::bundle::Bundle::open(bundle_dir).unwrap();
+    let mut last = (0, 0);
+    let report = attrd::mqtt::transfer::ship(&cfg, &bundle, &opts, |a, b| last = (a, b)).await.unwrap();
+    assert_eq!(last.0, last.1, "progress reaches the total");
+    assert!(last.1 > 10, "an 18 MB bundle in 512 KiB chunks: {last:?}");
+    report
+}
+
+fn transfer_states(sub: &Sub, node: &str) -> Vec<serde_json::Value> {
+    let topic = format!("attrd/{node}/model/state");
+    sub.messages().iter().filter(|m| m.topic == topic).map(|m| m.json()).collect()
+}
+
+/// Bundles shipped over MQTT: one retained before the node starts is fetched, verified, self-tested and activated;
+/// an untrusted one and one that fails its golden set are refused while the active model keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_shipped_over_mqtt_are_verified_and_activated() {
+    let broker = Mosquitto::start();
+    let node = Node::with_models("it-ship", broker.port, "receive = [\"*\"]\nreceive_timeout = \"20s\"");
+    let work = tempfile::tempdir().unwrap();
+    use crate::models::{test_key, variant};
+    let key = demo_signing_key();
+
+    // Shipped while the node is not running: the retained announcement and chunks wait on the broker.
+    let good = variant(work.path(), "2.0.0", Some(&key), 0.0);
+    let shipped = ship(broker.port, &good).await;
+    assert_eq!(shipped.topic, "attrd/models/imagenet-lite0");
+
+    let sub = Sub::start(
+        broker.port,
+        "it-ship-sub",
+        &[&format!("attrd/{}/model/state", node.name), &format!("attrd/{}/results/#", node.name)],
+        false,
+    )
+    .await;
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+    let states = sub
+        .wait_for("the shipped bundle activated", 90, |_| {
+            transfer_states(&sub, &node.name).iter().any(|v| v["transfer"]["status"] == "activated")
+        })
+        .await;
+    let _ = states;
+    let last = transfer_states(&sub, &node.name).pop().unwrap();
+    assert_eq!(last["model"]["version"], "2.0.0", "{last}");
+    assert_eq!(last["transfer"]["sha256"], shipped.announcement.sha256.as_str());
+    assert!(last["self_test"]["golden_items"].as_u64().unwrap() > 0, "{last}");
+
+    // Signed by a key this node does not trust.
+    let untrusted = variant(work.path(), "3.0.0", Some(&test_key()), 0.0);
+    ship(broker.port, &untrusted).await;
+    sub.wait_for("the untrusted bundle rejected", 60, |_| {
+        transfer_states(&sub, &node.name)
+            .iter()
+            .any(|v| v["transfer"]["version"] == "3.0.0" && v["transfer"]["status"] == "rejected")
+    })
+    .await;
+    let last = transfer_states(&sub, &node.name).pop().unwrap();
+    let err = last["transfer"]["error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("trusted"), "{err}");
+    assert_eq!(last["model"]["version"], "2.0.0");
+
+    // Properly signed, but its golden outputs do not match what the model computes here.
+    let skewed = variant(work.path(), "4.0.0", Some(&key), 0.2);
+    let latest = ship(broker.port, &skewed).await;
+    assert!(latest.replaced.as_deref().is_some_and(|r| r.contains("3.0.0")), "{:?}", latest.replaced);
+    sub.wait_for("the bundle failing its golden set rejected", 90, |_| {
+        transfer_states(&sub, &node.name)
+            .iter()
+            .any(|v| v["transfer"]["version"] == "4.0.0" && v["transfer"]["status"] == "rejected")
+    })
+    .await;
+    let last = transfer_states(&sub, &node.name).pop().unwrap();
+    let err = last["transfer"]["error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("not activated") && err.contains("self-test"), "{err}");
+    assert_eq!(last["model"]["version"], "2.0.0");
+
+    // Still serving, with the received model.
+    node.drop_photos(&skus("SHIP", 1));
+    sub.wait_for("a result from the received model", 60, |m| {
+        m.iter().any(|m| m.topic.contains("/results/") && m.json()["model"]["version"] == "2.0.0")
+    })
+    .await;
+    assert!(child.try_wait().unwrap().is_none(), "attrd died:\n{}", node.log());
+    child.kill().unwrap();
+    let _ = child.wait();
+
+    // Each upload cleared the chunks of the one it replaced: only the latest upload's chunks stay retained.
+    let fleet = Sub::start(broker.port, "it-ship-fleet", &["attrd/models/#"], false).await;
+    let held = fleet
+        .wait_for("the retained upload", 10, |m| {
+            m.iter().filter(|m| m.topic.contains("/chunks/")).count() == latest.announcement.chunks.len()
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let chunk_topics: BTreeSet<String> =
+        fleet.messages().iter().filter(|m| m.topic.contains("/chunks/")).map(|m| m.topic.clone()).collect();
+    assert_eq!(chunk_topics.len(), latest.announcement.chunks.len(), "{chunk_topics:?}");
+    assert!(chunk_topics.iter().all(|t| t.contains(&latest.announcement.transfer)), "{chunk_topics:?}");
+    assert!(held.iter().all(|m| m.retain));
 }

@@ -11,12 +11,12 @@ fn demo_keys() -> TrustedKeys {
     TrustedKeys::from_files([repo().join("config/keys/attrd-demo.pub")]).unwrap()
 }
 
-fn test_key() -> SigningKey {
+pub(crate) fn test_key() -> SigningKey {
     SigningKey::from_bytes(&[42; 32])
 }
 
 /// A copy of the ImageNet bundle under another version, optionally with its golden references altered.
-fn variant(dir: &Path, version: &str, signer: Option<&SigningKey>, skew_golden: f32) -> PathBuf {
+pub(crate) fn variant(dir: &Path, version: &str, signer: Option<&SigningKey>, skew_golden: f32) -> PathBuf {
     let src = Bundle::open(imagenet_bundle()).unwrap();
     let mut m = src.manifest().clone();
     m.version = version.parse().unwrap();

@@ -20,12 +20,16 @@ use attrd::sources::{self, ShutdownSignal, Trigger};
 use attrd::systemd::{Heartbeat, Notifier};
 use attrd::util::now_rfc3339;
 use serde_json::json;
+use slot::ModelSlot;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
+
+mod receive;
+mod slot;
 
 /// How often the retained status message is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
@@ -56,13 +60,17 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<()> {
     let metrics = Metrics::new();
     metrics.set_model(&engine);
     let engine = Arc::new(ArcSwap::from_pointee(engine));
-    let current_bundle = Arc::new(std::sync::Mutex::new(active));
 
     let outbox = Outbox::open(&cfg.outbox).context("opening the outbox")?;
-    let (publisher, commands) = Publisher::start(&cfg.mqtt, outbox.clone()).context("starting MQTT")?;
+    let (mut publisher, commands) = Publisher::start(&cfg.mqtt, outbox.clone()).context("starting MQTT")?;
     let mqtt = publisher.handle();
     let topics = publisher.topics().clone();
-    publish_model_state(&mqtt, &topics, &engine.load(), &report);
+    let slot = Arc::new(ModelSlot::new(engine.clone(), active, report, metrics.clone(), mqtt.clone()));
+    slot.publish();
+    let receiver_task = publisher
+        .take_model_messages()
+        .filter(|_| !cfg.models.receive.is_empty())
+        .map(|rx| tokio::spawn(receive::run(rx, store.clone(), cfg.models.clone(), cfg.engine.clone(), slot.clone())));
 
     let (finished_tx, finished_rx) = mpsc::channel::<Finished>(cfg.pipeline.queue.max(1));
     let pipeline = Pipeline::spawn(engine.clone(), cfg.pipeline.clone(), node.clone(), finished_tx)
@@ -119,7 +127,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<()> {
     let _ = ready_tx.send(true);
     heartbeat.beat();
     notifier.ready();
-    let label = current_bundle.lock().map(|b| b.label()).unwrap_or_default();
+    let label = slot.label();
     notifier.status(&format!("serving {label} on {}", engine.load().providers().active));
     tracing::info!(node = %node, startup_ms = started.elapsed().as_millis() as u64, "attrd ready");
 
@@ -133,7 +141,7 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 notifier.reloading();
-                if let Err(e) = reload(&config_path, &engine, &current_bundle, &metrics, &mqtt, &topics).await {
+                if let Err(e) = reload(&config_path, &slot).await {
                     tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration and model stay");
                 }
                 notifier.ready();
@@ -166,6 +174,9 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<()> {
     drop(watchdog);
     status_task.abort();
     commands_task.abort();
+    if let Some(t) = receiver_task {
+        t.abort();
+    }
     capture_task.abort();
     tracing::info!("attrd stopped");
     Ok(())
@@ -324,22 +335,10 @@ async fn handle_commands(
     }
 }
 
-fn model_json(engine: &Engine) -> serde_json::Value {
+pub(crate) fn model_json(engine: &Engine) -> serde_json::Value {
     let mut v = serde_json::to_value(attrd::payload::ModelInfo::of(engine)).unwrap_or_default();
     v["fallbacks"] = serde_json::to_value(&engine.providers().fallbacks).unwrap_or_default();
     v
-}
-
-fn publish_model_state(mqtt: &PublisherHandle, topics: &Topics, engine: &Engine, report: &models::SelfTestReport) {
-    let payload = json!({
-        "state": "active",
-        "model": model_json(engine),
-        "self_test": report,
-        "at": now_rfc3339(),
-    });
-    if let Err(e) = mqtt.publish_retained(topics.model_state(), &payload) {
-        tracing::warn!(error = %e, "could not queue the model state");
-    }
 }
 
 async fn publish_status(
@@ -402,32 +401,16 @@ async fn idle_self_inference(
 
 /// SIGHUP: re-read the configuration (all or nothing; only the model selection is applied live, other changes are
 /// reported as needing a restart) and switch to the store's active bundle if it changed.
-async fn reload(
-    path: &Path,
-    engine: &Arc<ArcSwap<Engine>>,
-    current: &Arc<std::sync::Mutex<Bundle>>,
-    metrics: &Metrics,
-    mqtt: &PublisherHandle,
-    topics: &Topics,
-) -> Result<()> {
+async fn reload(path: &Path, slot: &ModelSlot) -> Result<()> {
     let cfg = Config::load(path).with_context(|| format!("re-reading {}", path.display()))?;
     let store = open_store(&cfg)?;
     let active = store.active()?;
-    let unchanged = current.lock().map(|b| b.dir() == active.dir()).unwrap_or(false);
-    if unchanged {
+    if slot.is_current(&active) {
         tracing::info!("configuration re-read; active model unchanged");
         return Ok(());
     }
-    let label = active.label();
     let (new_engine, report) = load_and_test(active.clone(), &cfg).await?;
-    metrics.set_model(&new_engine);
-    // In-flight batches keep the engine they took; new batches get the new one.
-    engine.store(Arc::new(new_engine));
-    if let Ok(mut b) = current.lock() {
-        *b = active;
-    }
-    publish_model_state(mqtt, topics, &engine.load(), &report);
-    tracing::info!(model = %label, provider = %report.provider, "model swapped");
+    slot.swap(new_engine, report, active);
     Ok(())
 }
 

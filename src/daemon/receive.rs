@@ -1,0 +1,253 @@
+//! Bundles received over MQTT (`models.receive`): announcement → chunks → checksum → the model store's install
+//! (signature, hashes) → activation (golden set on this box's provider) → swap, with each step reported in
+//! `model/state`'s `transfer`. The wire format is `attrd::mqtt::transfer`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use attrd::config::ModelsConfig;
+use attrd::engine::EngineConfig;
+use attrd::models::{self, ModelError, ModelStore};
+use attrd::mqtt::transfer::{Announcement, Assembly, TransferError};
+use attrd::mqtt::{ModelMessage, ModelTopic, PublisherHandle};
+use attrd::util::{error_chain, now_rfc3339};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::slot::ModelSlot;
+
+/// Re-requests of a transfer's chunks (by subscribing again) before it is given up.
+const MAX_RETRIES: u32 = 3;
+
+struct Pending {
+    assembly: Assembly,
+    filter: String,
+    deadline: Instant,
+    retries: u32,
+    last_logged: u32,
+}
+
+pub(crate) async fn run(
+    mut rx: mpsc::Receiver<ModelMessage>,
+    store: ModelStore,
+    cfg: ModelsConfig,
+    engine_cfg: EngineConfig,
+    slot: Arc<ModelSlot>,
+) {
+    let mqtt = slot.mqtt().clone();
+    let topics = mqtt.topics().clone();
+    let filters: Vec<String> = if cfg.receive.iter().any(|n| n == "*") {
+        topics.models_filter(None).into_iter().collect()
+    } else {
+        cfg.receive.iter().filter_map(|n| topics.models_filter(Some(n)).ok()).collect()
+    };
+    for f in &filters {
+        if let Err(e) = mqtt.subscribe(f.clone()) {
+            tracing::error!(filter = %f, error = %e, "cannot subscribe to model announcements");
+        }
+    }
+    tracing::info!(filters = ?filters, activate = cfg.receive_activate, "receiving model bundles over MQTT");
+
+    let mut pending: HashMap<String, Pending> = HashMap::new();
+    // Uploads that failed verification: not fetched again on every reconnect (until the next restart).
+    let mut rejected: HashSet<String> = HashSet::new();
+    loop {
+        let next_deadline = pending.values().map(|p| p.deadline).min();
+        let msg = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => return },
+            _ = sleep_until(next_deadline) => {
+                expire(&mut pending, &mqtt, &slot, &cfg);
+                continue;
+            }
+        };
+        match msg.topic {
+            ModelTopic::Announcement { name } => {
+                if msg.payload.is_empty() {
+                    tracing::info!(model = %name, "model announcement cleared");
+                    if let Some(p) = pending.remove(&name) {
+                        let _ = mqtt.unsubscribe(p.filter);
+                    }
+                    continue;
+                }
+                let ann = match Announcement::parse(&msg.payload, &name, cfg.receive_max_bytes) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        let sha = attrd::bundle::sha256_bytes(&msg.payload);
+                        if rejected.insert(sha) {
+                            tracing::warn!(model = %name, error = %error_chain(&e), "model announcement rejected");
+                            report(&slot, &name, None, "rejected", Some(&e));
+                        }
+                        continue;
+                    }
+                };
+                if rejected.contains(&ann.sha256) {
+                    tracing::debug!(model = %name, transfer = %ann.transfer, "announcement of a rejected upload ignored");
+                    continue;
+                }
+                let id = models::id_of(&ann.name, &ann.version);
+                if store.contains(&id) {
+                    tracing::debug!(model = %name, version = %ann.version, "announced bundle already installed");
+                    if let Some(p) = pending.remove(&name) {
+                        let _ = mqtt.unsubscribe(p.filter);
+                    }
+                    continue;
+                }
+                if pending.get(&name).is_some_and(|p| p.assembly.announcement().transfer == ann.transfer) {
+                    continue;
+                }
+                let Ok(filter) = topics.model_chunks_filter(&ann.name, &ann.transfer) else { continue };
+                if let Some(old) = pending.remove(&name) {
+                    let _ = mqtt.unsubscribe(old.filter);
+                }
+                tracing::info!(model = %name, version = %ann.version, transfer = %ann.transfer, bytes = ann.size,
+                    chunks = ann.chunk_count(), "model bundle announced; receiving");
+                report(&slot, &name, Some(&ann), "receiving", None);
+                if let Err(e) = mqtt.subscribe(filter.clone()) {
+                    tracing::error!(error = %e, "cannot subscribe to the bundle's chunks");
+                }
+                let deadline = Instant::now() + cfg.receive_timeout;
+                pending.insert(
+                    name,
+                    Pending { assembly: Assembly::new(ann), filter, deadline, retries: 0, last_logged: 0 },
+                );
+            }
+            ModelTopic::Chunk { name, transfer, index } => {
+                let Some(p) = pending.get_mut(&name) else { continue };
+                if p.assembly.announcement().transfer != transfer || msg.payload.is_empty() {
+                    continue;
+                }
+                match p.assembly.add(index, &msg.payload) {
+                    Ok(false) => {
+                        let (got, total) = p.assembly.progress();
+                        // Progress every tenth of the way, not every chunk.
+                        if got * 10 / total > p.last_logged * 10 / total {
+                            tracing::info!(model = %name, received = got, chunks = total, "receiving model bundle");
+                            p.last_logged = got;
+                        }
+                    }
+                    Ok(true) => {
+                        let Some(p) = pending.remove(&name) else { continue };
+                        let _ = mqtt.unsubscribe(p.filter);
+                        let ann = p.assembly.announcement().clone();
+                        match p.assembly.finish() {
+                            Ok(archive) => {
+                                if let Err(e) = install(archive, &ann, &store, &cfg, &engine_cfg, &slot).await {
+                                    rejected.insert(ann.sha256.clone());
+                                    tracing::error!(model = %name, version = %ann.version, error = %e,
+                                        "received bundle rejected; the active model keeps serving");
+                                    report_text(&slot, &name, Some(&ann), "rejected", Some(e));
+                                }
+                            }
+                            Err(e) => {
+                                rejected.insert(ann.sha256.clone());
+                                tracing::error!(model = %name, error = %error_chain(&e), "received bundle corrupt");
+                                report(&slot, &name, Some(&ann), "rejected", Some(&e));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // A bad chunk on a retained topic stays bad: give the upload up rather than wait.
+                        let ann = p.assembly.announcement().clone();
+                        let Some(p) = pending.remove(&name) else { continue };
+                        let _ = mqtt.unsubscribe(p.filter);
+                        rejected.insert(ann.sha256.clone());
+                        tracing::error!(model = %name, error = %error_chain(&e), "received bundle chunk corrupt");
+                        report(&slot, &name, Some(&ann), "rejected", Some(&e));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Chunks that did not arrive in time are asked for again (subscribing again makes the broker resend retained
+/// messages); after [`MAX_RETRIES`] the upload is given up until its next announcement.
+fn expire(pending: &mut HashMap<String, Pending>, mqtt: &PublisherHandle, slot: &ModelSlot, cfg: &ModelsConfig) {
+    let now = Instant::now();
+    let expired: Vec<String> = pending.iter().filter(|(_, p)| p.deadline <= now).map(|(n, _)| n.clone()).collect();
+    for name in expired {
+        let Some(p) = pending.get_mut(&name) else { continue };
+        let (got, total) = p.assembly.progress();
+        if p.retries < MAX_RETRIES {
+            p.retries += 1;
+            p.deadline = now + cfg.receive_timeout;
+            tracing::warn!(model = %name, received = got, chunks = total, retry = p.retries,
+                "model bundle chunks missing; asking the broker again");
+            let _ = mqtt.unsubscribe(p.filter.clone());
+            let _ = mqtt.subscribe(p.filter.clone());
+        } else if let Some(p) = pending.remove(&name) {
+            let _ = mqtt.unsubscribe(p.filter.clone());
+            let ann = p.assembly.announcement().clone();
+            let why = format!("only {got} of {total} chunks arrived after {} tries", MAX_RETRIES + 1);
+            tracing::error!(model = %name, error = %why, "model bundle transfer given up");
+            report_text(slot, &name, Some(&ann), "failed", Some(why));
+        }
+    }
+}
+
+async fn install(
+    archive: Vec<u8>,
+    ann: &Announcement,
+    store: &ModelStore,
+    cfg: &ModelsConfig,
+    engine_cfg: &EngineConfig,
+    slot: &Arc<ModelSlot>,
+) -> Result<(), String> {
+    let (store, engine_cfg, activate) = (store.clone(), engine_cfg.clone(), cfg.receive_activate);
+    let name = ann.name.clone();
+    report(slot, &name, Some(ann), "installing", None);
+    // Install and the golden-set self-test block (file I/O, inference): keep them off the async workers.
+    let outcome = tokio::task::spawn_blocking(move || {
+        let b = match store.install_tar(std::io::Cursor::new(archive)) {
+            Ok(b) => b,
+            Err(ModelError::AlreadyInstalled(l)) => return Err(format!("{l} is already installed")),
+            Err(e) => return Err(error_chain(&e)),
+        };
+        let id = b.dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if !activate {
+            return Ok((b, None));
+        }
+        match store.activate(&id, &engine_cfg) {
+            Ok((engine, report)) => Ok((store.get(&id).map_err(|e| error_chain(&e))?, Some((engine, report)))),
+            Err(e) => Err(format!("installed as {id} but not activated: {}", error_chain(&e))),
+        }
+    })
+    .await
+    .map_err(|e| format!("install thread: {e}"))??;
+    match outcome {
+        (b, Some((engine, report))) => {
+            slot.swap(engine, report, b);
+            tracing::info!(model = %name, version = %ann.version, "received bundle activated");
+            self::report(slot, &name, Some(ann), "activated", None);
+        }
+        (b, None) => {
+            tracing::info!(bundle = %b.label(), "received bundle installed; activate it with `attrd model activate`");
+            self::report(slot, &name, Some(ann), "installed", None);
+        }
+    }
+    Ok(())
+}
+
+fn report(slot: &ModelSlot, name: &str, ann: Option<&Announcement>, status: &str, err: Option<&TransferError>) {
+    report_text(slot, name, ann, status, err.map(|e| error_chain(e)));
+}
+
+fn report_text(slot: &ModelSlot, name: &str, ann: Option<&Announcement>, status: &str, err: Option<String>) {
+    slot.transfer_event(json!({
+        "name": name,
+        "version": ann.map(|a| a.version.clone()),
+        "transfer": ann.map(|a| a.transfer.clone()),
+        "sha256": ann.map(|a| a.sha256.clone()),
+        "status": status,
+        "error": err,
+        "at": now_rfc3339(),
+    }));
+}
