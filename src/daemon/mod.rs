@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 
 mod receive;
 mod slot;
+mod upgrade;
 
 /// How often the retained status message is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
@@ -65,8 +66,9 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<()> {
     let (mut publisher, commands) = Publisher::start(&cfg.mqtt, outbox.clone()).context("starting MQTT")?;
     let mqtt = publisher.handle();
     let topics = publisher.topics().clone();
-    let slot = Arc::new(ModelSlot::new(engine.clone(), active, report, metrics.clone(), mqtt.clone()));
+    let slot = Arc::new(ModelSlot::new(engine.clone(), active.clone(), report, metrics.clone(), mqtt.clone()));
     slot.publish();
+    upgrade::spawn(slot.clone(), active, &cfg.engine);
     let receiver_task = publisher
         .take_model_messages()
         .filter(|_| !cfg.models.receive.is_empty())
@@ -202,7 +204,7 @@ fn bootstrap(store: &ModelStore, cfg: &Config) -> Result<()> {
         }
         Err(e) => return Err(e).with_context(|| format!("installing bootstrap bundle {}", src.display())),
     };
-    store.activate(&id, &cfg.engine).with_context(|| format!("activating bootstrap bundle {id}"))?;
+    store.activate(&id, &cfg.engine.foreground()).with_context(|| format!("activating bootstrap bundle {id}"))?;
     Ok(())
 }
 
@@ -211,7 +213,8 @@ fn dir_name(p: &Path) -> String {
 }
 
 async fn load_and_test(bundle: Bundle, cfg: &Config) -> Result<(Engine, models::SelfTestReport)> {
-    let engine_cfg = cfg.engine.clone();
+    // Slow providers are built afterwards in the background (upgrade.rs); serve with the rest of the chain first.
+    let engine_cfg = cfg.engine.foreground();
     let label = bundle.label();
     tokio::task::spawn_blocking(move || models::load_and_test(&bundle, &engine_cfg))
         .await
@@ -401,7 +404,7 @@ async fn idle_self_inference(
 
 /// SIGHUP: re-read the configuration (all or nothing; only the model selection is applied live, other changes are
 /// reported as needing a restart) and switch to the store's active bundle if it changed.
-async fn reload(path: &Path, slot: &ModelSlot) -> Result<()> {
+async fn reload(path: &Path, slot: &Arc<ModelSlot>) -> Result<()> {
     let cfg = Config::load(path).with_context(|| format!("re-reading {}", path.display()))?;
     let store = open_store(&cfg)?;
     let active = store.active()?;
@@ -410,7 +413,8 @@ async fn reload(path: &Path, slot: &ModelSlot) -> Result<()> {
         return Ok(());
     }
     let (new_engine, report) = load_and_test(active.clone(), &cfg).await?;
-    slot.swap(new_engine, report, active);
+    slot.swap(new_engine, report, active.clone());
+    upgrade::spawn(slot.clone(), active, &cfg.engine);
     Ok(())
 }
 

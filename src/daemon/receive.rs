@@ -201,7 +201,8 @@ async fn install(
     engine_cfg: &EngineConfig,
     slot: &Arc<ModelSlot>,
 ) -> Result<(), String> {
-    let (store, engine_cfg, activate) = (store.clone(), engine_cfg.clone(), cfg.receive_activate);
+    let (store, full_cfg, activate) = (store.clone(), engine_cfg.clone(), cfg.receive_activate);
+    let engine_cfg = full_cfg.clone();
     let name = ann.name.clone();
     report(slot, &name, Some(ann), "installing", None);
     // Install and the golden-set self-test block (file I/O, inference): keep them off the async workers.
@@ -215,7 +216,7 @@ async fn install(
         if !activate {
             return Ok((b, None));
         }
-        match store.activate(&id, &engine_cfg) {
+        match store.activate(&id, &engine_cfg.foreground()) {
             Ok((engine, report)) => Ok((store.get(&id).map_err(|e| error_chain(&e))?, Some((engine, report)))),
             Err(e) => Err(format!("installed as {id} but not activated: {}", error_chain(&e))),
         }
@@ -224,7 +225,8 @@ async fn install(
     .map_err(|e| format!("install thread: {e}"))??;
     match outcome {
         (b, Some((engine, report))) => {
-            slot.swap(engine, report, b);
+            slot.swap(engine, report, b.clone());
+            super::upgrade::spawn(slot.clone(), b, &full_cfg);
             tracing::info!(model = %name, version = %ann.version, "received bundle activated");
             self::report(slot, &name, Some(ann), "activated", None);
         }

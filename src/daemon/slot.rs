@@ -25,6 +25,8 @@ struct Inner {
     report: SelfTestReport,
     /// The latest bundle transfer over MQTT (receiving, installed, activated, rejected), shown in `model/state`.
     transfer: Option<Value>,
+    /// The latest background session build (building, ready, failed).
+    background: Option<Value>,
 }
 
 impl ModelSlot {
@@ -35,7 +37,7 @@ impl ModelSlot {
         metrics: Metrics,
         mqtt: PublisherHandle,
     ) -> Self {
-        Self { engine, metrics, mqtt, inner: Mutex::new(Inner { bundle, report, transfer: None }) }
+        Self { engine, metrics, mqtt, inner: Mutex::new(Inner { bundle, report, transfer: None, background: None }) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -45,6 +47,11 @@ impl ModelSlot {
 
     pub(crate) fn mqtt(&self) -> &PublisherHandle {
         &self.mqtt
+    }
+
+    /// The execution provider serving now.
+    pub(crate) fn provider(&self) -> String {
+        self.engine.load().providers().active.to_string()
     }
 
     pub(crate) fn label(&self) -> String {
@@ -80,6 +87,12 @@ impl ModelSlot {
         self.publish();
     }
 
+    /// Records the latest background build event and publishes it with the state.
+    pub(crate) fn background_event(&self, event: Value) {
+        self.lock().background = Some(event);
+        self.publish();
+    }
+
     /// Publishes the retained `model/state`: the active model, its self-test and the latest transfer.
     pub(crate) fn publish(&self) {
         let payload = {
@@ -89,6 +102,7 @@ impl ModelSlot {
                 "model": super::model_json(&self.engine.load()),
                 "self_test": g.report,
                 "transfer": g.transfer,
+                "background": g.background,
                 "at": now_rfc3339(),
             })
         };

@@ -73,8 +73,14 @@ pub struct EngineConfig {
     pub ort_library: Option<PathBuf>,
     /// GPU ordinal for CUDA and TensorRT.
     pub device_id: i32,
-    /// Where TensorRT keeps built engines between runs (keyed by model and GPU); unset disables the cache.
+    /// Where TensorRT keeps built engines between runs; unset disables the cache. Engines are kept under
+    /// `<dir>/<GPU>/<TensorRT version>/` with the model's SHA-256 as file prefix, so a new model, a different GPU or
+    /// a TensorRT upgrade never picks up a stale engine.
     pub tensorrt_cache_dir: Option<PathBuf>,
+    /// Providers whose sessions take long to build (TensorRT compiles an engine for minutes on first use). When the
+    /// first provider of `providers` is listed here, the daemon serves at once with the rest of the chain and swaps
+    /// to it once it is built and has passed the golden set; progress is logged and published in `model/state`.
+    pub build_in_background: Vec<Provider>,
     /// Let cuBLAS use TF32 tensor-core math on Ampere and newer GPUs (ORT's `use_tf32`). cuDNN convolutions use TF32
     /// regardless unless the service environment sets `NVIDIA_TF32_OVERRIDE=0` (measured on an H100: probabilities
     /// within 2e-3 of the CPU's with TF32, 3e-6 without; see docs/gpu.md).
@@ -89,6 +95,7 @@ impl Default for EngineConfig {
             ort_library: None,
             device_id: 0,
             tensorrt_cache_dir: None,
+            build_in_background: vec![Provider::TensorRt],
             cuda_tf32: true,
         }
     }
@@ -98,6 +105,17 @@ impl EngineConfig {
     /// A CPU-only configuration (tests, tools, boxes without a GPU).
     pub fn cpu() -> Self {
         Self { providers: vec![Provider::Cpu], ..Self::default() }
+    }
+
+    /// The preferred provider when it is built in the background (see [`EngineConfig::build_in_background`]).
+    pub fn deferred(&self) -> Option<Provider> {
+        self.providers.first().copied().filter(|p| self.build_in_background.contains(p))
+    }
+
+    /// The configuration to serve with while [`EngineConfig::deferred`] builds: the chain without it.
+    pub fn foreground(&self) -> EngineConfig {
+        let Some(d) = self.deferred() else { return self.clone() };
+        Self { providers: self.providers.iter().copied().filter(|p| *p != d).collect(), ..self.clone() }
     }
 }
 
@@ -252,6 +270,24 @@ impl Engine {
     /// Creates a session for the bundle's ONNX file with the configured provider chain and checks the graph's input
     /// and outputs against the manifest.
     pub fn load(bundle: &Bundle, cfg: &EngineConfig) -> Result<Self, EngineError> {
+        let mut chain = cfg.providers.clone();
+        if !chain.contains(&Provider::Cpu) {
+            chain.push(Provider::Cpu);
+        }
+        Self::load_chain(bundle, cfg, chain, false)
+    }
+
+    /// Like [`Engine::load`] but on `provider` alone: fails instead of falling back when it cannot be registered.
+    pub fn load_on(bundle: &Bundle, cfg: &EngineConfig, provider: Provider) -> Result<Self, EngineError> {
+        Self::load_chain(bundle, cfg, vec![provider], true)
+    }
+
+    fn load_chain(
+        bundle: &Bundle,
+        cfg: &EngineConfig,
+        chain: Vec<Provider>,
+        strict: bool,
+    ) -> Result<Self, EngineError> {
         let rt = runtime(cfg)?;
         let started = Instant::now();
         let manifest = bundle.manifest().clone();
@@ -263,10 +299,6 @@ impl Engine {
         if cfg.intra_threads > 0 {
             builder = builder.with_intra_threads(cfg.intra_threads).map_err(ort_err)?;
         }
-        let mut chain = cfg.providers.clone();
-        if !chain.contains(&Provider::Cpu) {
-            chain.push(Provider::Cpu);
-        }
         let mut fallbacks = Vec::new();
         let mut active = None;
         for p in chain {
@@ -274,6 +306,15 @@ impl Engine {
             match dispatch.register(&mut builder) {
                 Ok(()) => {
                     tracing::info!(provider = %p, model = %bundle.label(), "execution provider registered");
+                    if p == Provider::TensorRt {
+                        // ORT's advice: CUDA behind TensorRT runs what TensorRT cannot, instead of the CPU.
+                        match self::dispatch(Provider::Cuda, cfg, bundle.onnx_sha256()).register(&mut builder) {
+                            Ok(()) => tracing::debug!("CUDA registered behind TensorRT for unsupported nodes"),
+                            Err(e) => {
+                                tracing::warn!(reason = %e, "CUDA unavailable behind TensorRT; unsupported nodes run on the CPU")
+                            }
+                        }
+                    }
                     active = Some(p);
                     break;
                 }
@@ -283,6 +324,10 @@ impl Engine {
                     fallbacks.push(ProviderFallback { provider: p, reason });
                 }
             }
+        }
+        if strict && active.is_none() {
+            let why = fallbacks.iter().map(|f| format!("{}: {}", f.provider, f.reason)).collect::<Vec<_>>().join("; ");
+            return Err(EngineError::Ort(format!("execution provider unavailable: {why}")));
         }
         // CPU is built into every ONNX Runtime; if even it failed to register, the session still runs on ORT's
         // default CPU kernels, so report CPU rather than failing.
@@ -367,9 +412,13 @@ fn dispatch(p: Provider, cfg: &EngineConfig, model_sha256: &str) -> ExecutionPro
         }
         Provider::TensorRt => {
             let mut trt = ep::TensorRT::default().with_device_id(cfg.device_id);
-            if let Some(dir) = &cfg.tensorrt_cache_dir {
-                // TensorRT keys cached engines by its own version and the GPU; the prefix adds the model so two
-                // versions of a model never share an engine.
+            if let Some(root) = &cfg.tensorrt_cache_dir {
+                // ORT's cache names hold a graph hash and the compute capability, not the GPU model or the TensorRT
+                // version, and a stale engine fails or misbehaves: key the directory by both, the prefix by model.
+                let dir = tensorrt_cache_path(root, cfg.device_id, &[loaded_library_dir()]);
+                if let Err(e) = std::fs::create_dir_all(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot create the TensorRT engine cache");
+                }
                 trt = trt
                     .with_engine_cache(true)
                     .with_engine_cache_path(dir.display())
@@ -381,6 +430,53 @@ fn dispatch(p: Provider, cfg: &EngineConfig, model_sha256: &str) -> ExecutionPro
         }
         Provider::Cpu => ep::CPU::default().build().error_on_failure(),
     }
+}
+
+fn loaded_library_dir() -> PathBuf {
+    loaded_library().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// `<root>/<GPU>/<TensorRT version>`: the engine cache directory for this GPU and TensorRT.
+pub fn tensorrt_cache_path(root: &Path, device_id: i32, lib_dirs: &[PathBuf]) -> PathBuf {
+    let gpu = gpu_key(Path::new("/proc/driver/nvidia/gpus"), device_id).unwrap_or_else(|| format!("gpu{device_id}"));
+    let trt = tensorrt_version(lib_dirs).map_or_else(|| "trt-unknown".to_string(), |v| format!("trt-{v}"));
+    root.join(gpu).join(trt)
+}
+
+/// The GPU's model and PCI address from the NVIDIA driver's `/proc` files (`<model>-<bus id>`, file-name safe),
+/// taking the `device_id`-th GPU in PCI order (CUDA's order with `CUDA_DEVICE_ORDER=PCI_BUS_ID`, which the unit
+/// sets).
+pub fn gpu_key(proc_gpus: &Path, device_id: i32) -> Option<String> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(proc_gpus).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    dirs.sort();
+    let dir = dirs.get(usize::try_from(device_id).ok()?)?;
+    let info = std::fs::read_to_string(dir.join("information")).ok()?;
+    let model = info.lines().find_map(|l| l.strip_prefix("Model:")).map(str::trim)?;
+    let bus = dir.file_name()?.to_string_lossy().into_owned();
+    let safe =
+        |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' }).collect::<String>();
+    Some(format!("{}-{}", safe(model), safe(&bus)))
+}
+
+/// TensorRT's version from the name of `libnvinfer.so.<version>` in `lib_dirs` or on `LD_LIBRARY_PATH`.
+pub fn tensorrt_version(lib_dirs: &[PathBuf]) -> Option<String> {
+    let env_dirs = std::env::var_os("LD_LIBRARY_PATH").map(|v| std::env::split_paths(&v).collect::<Vec<_>>());
+    let dirs = lib_dirs.iter().cloned().chain(env_dirs.unwrap_or_default());
+    let mut best: Option<String> = None;
+    for d in dirs {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(v) = name.strip_prefix("libnvinfer.so.")
+                && v.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                && best.as_ref().is_none_or(|b| v.len() > b.len())
+            {
+                // The longest name is the fully versioned file (libnvinfer.so.10.3.0 over its .10 link).
+                best = Some(v.to_owned());
+            }
+        }
+    }
+    best
 }
 
 fn check_io(session: &Session, m: &Manifest) -> Result<[usize; 3], EngineError> {
@@ -471,4 +567,46 @@ fn run_batch(
         logits.push(arr);
     }
     Ok(BatchOutput { logits, run_time })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_preferred_provider_is_deferred_only_when_listed() {
+        let trt_first = EngineConfig { providers: vec![Provider::TensorRt, Provider::Cuda], ..EngineConfig::default() };
+        assert_eq!(trt_first.deferred(), Some(Provider::TensorRt));
+        assert_eq!(trt_first.foreground().providers, vec![Provider::Cuda]);
+        // CUDA first: TensorRT would never serve, so nothing is built in the background.
+        let default = EngineConfig::default();
+        assert_eq!(default.deferred(), None);
+        assert_eq!(default.foreground(), default);
+        let eager = EngineConfig { build_in_background: vec![], ..trt_first.clone() };
+        assert_eq!(eager.deferred(), None);
+    }
+
+    #[test]
+    fn tensorrt_cache_is_keyed_by_gpu_and_tensorrt_version() {
+        let tmp = tempfile::tempdir().unwrap();
+        let gpus = tmp.path().join("gpus");
+        for (bus, model) in [("0000:c1:00.0", "NVIDIA L4"), ("0000:41:00.0", "NVIDIA H100 80GB HBM3")] {
+            std::fs::create_dir_all(gpus.join(bus)).unwrap();
+            std::fs::write(gpus.join(bus).join("information"), format!("Model: \t\t {model}\nIRQ: 1\n")).unwrap();
+        }
+        assert_eq!(gpu_key(&gpus, 0).as_deref(), Some("NVIDIA-H100-80GB-HBM3-0000-41-00.0"));
+        assert_eq!(gpu_key(&gpus, 1).as_deref(), Some("NVIDIA-L4-0000-c1-00.0"));
+        assert_eq!(gpu_key(&gpus, 2), None);
+        assert_eq!(gpu_key(&tmp.path().join("none"), 0), None);
+
+        let lib = tmp.path().join("lib");
+        std::fs::create_dir_all(&lib).unwrap();
+        assert_eq!(tensorrt_version(std::slice::from_ref(&lib)), None);
+        for f in ["libnvinfer.so.10", "libnvinfer.so.10.3.0", "libnvinfer_plugin.so.10.3.0", "libnvinfer.so.x"] {
+            std::fs::write(lib.join(f), b"").unwrap();
+        }
+        assert_eq!(tensorrt_version(std::slice::from_ref(&lib)).as_deref(), Some("10.3.0"));
+        let p = tensorrt_cache_path(Path::new("/cache"), 0, &[lib]);
+        assert!(p.starts_with("/cache") && p.ends_with("trt-10.3.0"), "{}", p.display());
+    }
 }

@@ -21,6 +21,11 @@ impl Node {
 
     /// `models_extra`: more lines for the `[models]` table.
     fn with_models(name: &str, mqtt_port: u16, models_extra: &str) -> Self {
+        Self::with_tables(name, mqtt_port, "providers = [\"cpu\"]", models_extra)
+    }
+
+    /// `engine`: the `[engine]` table's lines; `models_extra`: more lines for `[models]`.
+    fn with_tables(name: &str, mqtt_port: u16, engine: &str, models_extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let http_port = free_port();
         let config = dir.path().join("attrd.toml");
@@ -29,7 +34,7 @@ impl Node {
             format!(
                 r#"
 [engine]
-providers = ["cpu"]
+{engine}
 [models]
 dir = "models"
 trusted_keys = ["{key}"]
@@ -384,4 +389,53 @@ async fn bundles_shipped_over_mqtt_are_verified_and_activated() {
     assert_eq!(chunk_topics.len(), latest.announcement.chunks.len(), "{chunk_topics:?}");
     assert!(chunk_topics.iter().all(|t| t.contains(&latest.announcement.transfer)), "{chunk_topics:?}");
     assert!(held.iter().all(|m| m.retain));
+}
+
+fn background_states(sub: &Sub, node: &str) -> Vec<serde_json::Value> {
+    transfer_states(sub, node).into_iter().filter(|v| !v["background"].is_null()).collect()
+}
+
+/// A provider listed in `engine.build_in_background` is built beside the serving one: here TensorRT, which this
+/// machine's ONNX Runtime lacks, fails in the background with its reason published while the CPU keeps serving; and a
+/// session that does build (the CPU itself, listed to exercise the path) is self-tested and swapped in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_providers_build_in_the_background_while_the_next_one_serves() {
+    let broker = Mosquitto::start();
+    let node = Node::with_tables("it-bg-trt", broker.port, "providers = [\"tensorrt\", \"cpu\"]", "");
+    let sub = Sub::start(broker.port, "it-bg-sub", &["attrd/+/model/state", "attrd/+/results/#"], false).await;
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+    sub.wait_for("the TensorRT build reported failed", 60, |_| {
+        background_states(&sub, &node.name).iter().any(|v| v["background"]["status"] == "failed")
+    })
+    .await;
+    let states = background_states(&sub, &node.name);
+    // `building` may have been replaced before the broker saw it (retained state keeps the latest); the log has it.
+    assert!(node.log().contains("building the preferred provider's session in the background"), "{states:#?}");
+    let last = states.last().unwrap();
+    assert_eq!(last["background"]["provider"], "tensorrt");
+    assert!(last["background"]["error"].as_str().unwrap().to_lowercase().contains("tensorrt"), "{last}");
+    assert_eq!(last["model"]["execution_provider"], "cpu");
+    node.drop_photos(&skus("BG", 1));
+    sub.wait_for("a result served by the CPU", 60, |m| {
+        m.iter().any(|m| m.topic == format!("attrd/{}/results/BG000", node.name))
+    })
+    .await;
+    child.kill().unwrap();
+    let _ = child.wait();
+
+    let node =
+        Node::with_tables("it-bg-cpu", broker.port, "providers = [\"cpu\"]\nbuild_in_background = [\"cpu\"]", "");
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+    sub.wait_for("the background session swapped in", 60, |_| {
+        background_states(&sub, &node.name).iter().any(|v| v["background"]["status"] == "ready")
+    })
+    .await;
+    let last = background_states(&sub, &node.name).pop().unwrap();
+    assert_eq!(last["background"]["provider"], "cpu");
+    assert!(last["self_test"]["golden_items"].as_u64().unwrap() > 0, "{last}");
+    assert!(node.log().contains("background session ready; swapping"), "{}", node.log());
+    child.kill().unwrap();
+    let _ = child.wait();
 }
