@@ -148,7 +148,7 @@ fn main() -> ExitCode {
     if let Command::Run { config } = &cli.command {
         return run_daemon(config.clone());
     }
-    init_logging(&cli.log, attrd::config::LogFormat::Text);
+    let _ = init_logging(&cli.log, attrd::config::LogFormat::Text);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -158,14 +158,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str, format: attrd::config::LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+/// Sets the log filter of a running daemon (SIGHUP applies `log.filter` through it).
+pub(crate) type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+fn init_logging(filter: &str, format: attrd::config::LogFormat) -> SetLogFilter {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("warn"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        attrd::config::LogFormat::Text => fmt.init(),
-        attrd::config::LogFormat::Json => fmt.json().init(),
+        attrd::config::LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).init(),
+        attrd::config::LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).init(),
     }
+    Box::new(move |f: &str| {
+        let new = EnvFilter::try_new(f).map_err(|e| format!("log filter {f:?}: {e}"))?;
+        handle.reload(new).map_err(|e| e.to_string())
+    })
 }
 
 fn run_daemon(config: PathBuf) -> ExitCode {
@@ -177,7 +186,7 @@ fn run_daemon(config: PathBuf) -> ExitCode {
         }
     };
     let filter = std::env::var("ATTRD_LOG").unwrap_or_else(|_| cfg.log.filter.clone());
-    init_logging(&filter, cfg.log.format);
+    let set_filter = init_logging(&filter, cfg.log.format);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("attrd").build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -185,7 +194,7 @@ fn run_daemon(config: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(daemon::run(config, cfg)) {
+    match rt.block_on(daemon::run(config, cfg, set_filter)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "attrd failed");

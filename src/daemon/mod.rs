@@ -35,27 +35,70 @@ mod upgrade;
 /// How often the retained status message is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
-pub async fn run(config_path: PathBuf, cfg: Config) -> Result<()> {
+/// How one configuration's run ended.
+enum Outcome {
+    /// SIGTERM/SIGINT: the process exits.
+    Stopped,
+    /// SIGHUP with a changed, valid configuration: everything was drained and runs again with it.
+    Reconfigure(Box<Config>),
+}
+
+pub async fn run(config_path: PathBuf, cfg: Config, set_log_filter: crate::SetLogFilter) -> Result<()> {
     let started = Instant::now();
     let notifier = Notifier::from_env();
     notifier.status("starting");
     attrd::mqtt::install_crypto_provider();
+    let mut cfg = cfg;
+    loop {
+        match serve(&config_path, &cfg, notifier, started).await? {
+            Outcome::Stopped => return Ok(()),
+            Outcome::Reconfigure(new) => {
+                if std::env::var_os("ATTRD_LOG").is_none()
+                    && new.log.filter != cfg.log.filter
+                    && let Err(e) = set_log_filter(&new.log.filter)
+                {
+                    tracing::warn!(error = %e, "log filter not changed");
+                }
+                cfg = *new;
+                tracing::info!(config = %config_path.display(), "configuration reloaded; starting again with it");
+            }
+        }
+    }
+}
+
+/// Checks a re-read configuration against the running one: `Ok(None)` when nothing changed, `Ok(Some)` when it
+/// can be applied (by an in-process restart), `Err` when it cannot be applied at all, in which case nothing is.
+fn reconfiguration(path: &Path, current: &Config) -> Result<Option<Config>> {
+    let new = Config::load(path).with_context(|| format!("re-reading {}", path.display()))?;
+    if new == *current {
+        return Ok(None);
+    }
+    if new.log.format != current.log.format {
+        bail!("log.format cannot change while running (the log stream's format is fixed at start); restart attrd");
+    }
+    tracing_subscriber::EnvFilter::try_new(&new.log.filter)
+        .map_err(|e| anyhow::anyhow!("log.filter {:?}: {e}", new.log.filter))?;
+    if new.demo.spawn_broker != current.demo.spawn_broker {
+        bail!("demo.spawn_broker cannot change while running; restart attrd");
+    }
+    Ok(Some(new))
+}
+
+/// Runs the daemon with one configuration until a stop signal or an applicable reload.
+async fn serve(config_path: &Path, cfg: &Config, notifier: Notifier, started: Instant) -> Result<Outcome> {
     let node = cfg.mqtt.node_name();
-    let _broker = if cfg.demo.spawn_broker {
-        Some(SpawnedBroker::start(&cfg).context("starting the demo broker")?)
-    } else {
-        None
-    };
-    seed_demo_images(&cfg)?;
+    let _broker =
+        if cfg.demo.spawn_broker { Some(SpawnedBroker::start(cfg).context("starting the demo broker")?) } else { None };
+    seed_demo_images(cfg)?;
 
     // The model first: without one that passed its self-test there is nothing to serve.
-    let store = open_store(&cfg)?;
+    let store = open_store(cfg)?;
     // Activation self-tests the model, which blocks on the inference thread: keep it off the async workers.
     let (s, c) = (store.clone(), cfg.clone());
     tokio::task::spawn_blocking(move || bootstrap(&s, &c)).await.context("bootstrap thread")??;
     let active = store.active().context("no model is active; install one with `attrd model install --activate`")?;
     notifier.status(&format!("self-testing {}", active.label()));
-    let (engine, report) = load_and_test(active.clone(), &cfg).await?;
+    let (engine, report) = load_and_test(active.clone(), cfg).await?;
     tracing::info!(model = %active.label(), provider = %report.provider, golden = report.golden_items,
         max_abs_diff = report.max_abs_diff, "model ready");
     let metrics = Metrics::new();
@@ -133,27 +176,39 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<()> {
     notifier.status(&format!("serving {label} on {}", engine.load().providers().active));
     tracing::info!(node = %node, startup_ms = started.elapsed().as_millis() as u64, "attrd ready");
 
-    // Signals: TERM/INT stop, HUP reloads config and the model store's active bundle.
+    // Signals: TERM/INT stop; HUP re-reads the configuration (all or nothing) and the model store's active bundle.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    loop {
+    let outcome = loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break Outcome::Stopped,
+            _ = int.recv() => break Outcome::Stopped,
             _ = hup.recv() => {
                 notifier.reloading();
-                if let Err(e) = reload(&config_path, &slot).await {
-                    tracing::error!(error = %format!("{e:#}"), "reload failed; the running configuration and model stay");
+                match reconfiguration(config_path, cfg) {
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "reload refused; nothing of the new configuration was applied");
+                        notifier.status(&format!("reload refused: {e:#}"));
+                    }
+                    Ok(Some(new)) => break Outcome::Reconfigure(Box::new(new)),
+                    Ok(None) => {
+                        if let Err(e) = reload(cfg, &slot).await {
+                            tracing::error!(error = %format!("{e:#}"), "model reload failed; the running model stays");
+                        }
+                    }
                 }
                 notifier.ready();
             }
         }
-    }
+    };
 
-    // Graceful shutdown, bounded by the configured deadline.
-    tracing::info!("shutting down");
-    notifier.stopping();
+    // Graceful shutdown (or drain before a restart with a new configuration), bounded by the configured deadline.
+    let restarting = matches!(outcome, Outcome::Reconfigure(_));
+    tracing::info!(restarting, "shutting down");
+    if !restarting {
+        notifier.stopping();
+    }
     let _ = ready_tx.send(false);
     let drain = async {
         stop_sources.trigger();
@@ -163,15 +218,23 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<()> {
         drop(shots);
         let _ = task.await;
         let _ = writer.await;
-        publisher.shutdown().await;
+        if restarting {
+            publisher.shutdown_for_restart().await;
+        } else {
+            publisher.shutdown().await;
+        }
     };
     if tokio::time::timeout(cfg.shutdown_timeout, drain).await.is_err() {
         tracing::warn!(timeout = ?cfg.shutdown_timeout, "shutdown deadline passed; unfinished work stays in the sources and the outbox");
     }
     let _ = http_stop_tx.send(true);
     let _ = wd_stop.send(true);
-    if let Some(h) = http_task {
-        let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+    if let Some(mut h) = http_task
+        && tokio::time::timeout(Duration::from_secs(2), &mut h).await.is_err()
+    {
+        // Connections still open after the grace period are cut, so the port is free for a restart.
+        h.abort();
+        let _ = h.await;
     }
     drop(watchdog);
     status_task.abort();
@@ -180,8 +243,8 @@ pub async fn run(config_path: PathBuf, cfg: Config) -> Result<()> {
         t.abort();
     }
     capture_task.abort();
-    tracing::info!("attrd stopped");
-    Ok(())
+    tracing::info!(restarting, "attrd stopped");
+    Ok(outcome)
 }
 
 fn open_store(cfg: &Config) -> Result<ModelStore> {
@@ -402,17 +465,16 @@ async fn idle_self_inference(
     }
 }
 
-/// SIGHUP: re-read the configuration (all or nothing; only the model selection is applied live, other changes are
-/// reported as needing a restart) and switch to the store's active bundle if it changed.
-async fn reload(path: &Path, slot: &Arc<ModelSlot>) -> Result<()> {
-    let cfg = Config::load(path).with_context(|| format!("re-reading {}", path.display()))?;
-    let store = open_store(&cfg)?;
+/// SIGHUP with an unchanged configuration: switch to the model store's active bundle if it changed (after
+/// `attrd model activate` or `rollback`), without interrupting anything.
+async fn reload(cfg: &Config, slot: &Arc<ModelSlot>) -> Result<()> {
+    let store = open_store(cfg)?;
     let active = store.active()?;
     if slot.is_current(&active) {
         tracing::info!("configuration re-read; active model unchanged");
         return Ok(());
     }
-    let (new_engine, report) = load_and_test(active.clone(), &cfg).await?;
+    let (new_engine, report) = load_and_test(active.clone(), cfg).await?;
     slot.swap(new_engine, report, active.clone());
     upgrade::spawn(slot.clone(), active, &cfg.engine);
     Ok(())

@@ -18,6 +18,8 @@ use crate::util::{error_chain, now_rfc3339};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rumqttc::{
@@ -206,6 +208,7 @@ pub struct Publisher {
     handle: PublisherHandle,
     state: watch::Receiver<PublisherState>,
     shutdown: watch::Sender<bool>,
+    announce_stop: Arc<AtomicBool>,
     task: Option<JoinHandle<()>>,
     models: Option<mpsc::Receiver<ModelMessage>>,
 }
@@ -236,6 +239,7 @@ impl Publisher {
         let (model_tx, model_rx) = mpsc::channel(MODEL_QUEUE);
         let (state_tx, state) = watch::channel(PublisherState::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let announce_stop = Arc::new(AtomicBool::new(true));
         let handle = PublisherHandle { tx: req_tx, topics: topics.clone() };
         let max_in_flight = usize::from(cfg.max_in_flight);
         let ctx = Ctx {
@@ -256,6 +260,7 @@ impl Publisher {
             subscriptions: BTreeSet::new(),
             state: state_tx,
             shutdown: shutdown_rx,
+            announce_stop: announce_stop.clone(),
             retained: BTreeMap::new(),
             acks: JoinSet::new(),
             connected_before: false,
@@ -264,7 +269,7 @@ impl Publisher {
         tracing::info!(host = %cfg.host, port = cfg.port, client_id = %cfg.client_id(), node = ctx.topics.node(),
             tls = cfg.tls.is_some(), "MQTT publisher starting");
         let task = tokio::spawn(ctx.run());
-        Ok((Self { handle, state, shutdown, task: Some(task), models: Some(model_rx) }, cmd_rx))
+        Ok((Self { handle, state, shutdown, announce_stop, task: Some(task), models: Some(model_rx) }, cmd_rx))
     }
 
     /// The receiver of messages on model topics (see [`PublisherHandle::subscribe`]); `None` after the first call.
@@ -301,6 +306,14 @@ impl Publisher {
         }
     }
 
+    /// Like [`Publisher::shutdown`] but without publishing `stopped`, for an in-process restart (a configuration
+    /// reload): the clean DISCONNECT keeps the broker from publishing `offline`, and the next connection says
+    /// `online` again.
+    pub async fn shutdown_for_restart(self) {
+        self.announce_stop.store(false, Ordering::SeqCst);
+        self.shutdown().await;
+    }
+
     /// Abrupt stop: the connection is dropped without DISCONNECT, as in a crash, so the broker publishes `offline`.
     pub fn abort(mut self) {
         if let Some(task) = self.task.take() {
@@ -335,6 +348,8 @@ struct Ctx {
     subscriptions: BTreeSet<String>,
     state: watch::Sender<PublisherState>,
     shutdown: watch::Receiver<bool>,
+    /// False when the shutdown is a restart: no `stopped`.
+    announce_stop: Arc<AtomicBool>,
     /// Latest retained payload per topic, re-published on every connect.
     retained: BTreeMap<String, Vec<u8>>,
     /// Outbox deletions after PUBACK; they run beside the connection so a slow fsync never stalls the event loop.
@@ -849,7 +864,9 @@ impl Session<'_> {
         tracing::info!(in_flight = self.outstanding, "MQTT publisher shutting down");
         let available = self.ctx.topics.available();
         self.phase = Phase::Draining(Instant::now() + self.ctx.shutdown_timeout);
-        if !self.publish(available, b"stopped".to_vec(), true, Tag::Stopped) {
+        if !self.ctx.announce_stop.load(Ordering::SeqCst)
+            || !self.publish(available, b"stopped".to_vec(), true, Tag::Stopped)
+        {
             self.stopped_acked = true;
         }
     }

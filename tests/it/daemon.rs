@@ -439,3 +439,56 @@ async fn slow_providers_build_in_the_background_while_the_next_one_serves() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+fn hup(child: &Child) {
+    assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
+}
+
+/// SIGHUP re-reads the configuration all or nothing: a broken file is refused and nothing changes; a valid change
+/// (here the node name, so every topic moves) is applied by draining and starting again inside the same process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_valid_configuration_and_refuses_a_broken_one() {
+    let broker = Mosquitto::start();
+    let node = Node::new("it-hup-a", broker.port);
+    let sub = Sub::start(broker.port, "it-hup-sub", &["attrd/+/results/#"], false).await;
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+    let result_on = |n: &str, sku: &str| format!("attrd/{n}/results/{sku}");
+    node.drop_photos(&["HUP1".to_string()]);
+    sub.wait_for("HUP1 on node a", 60, |m| m.iter().any(|m| m.topic == result_on("it-hup-a", "HUP1"))).await;
+
+    let good = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(&node.config, format!("{good}\n[bogus]\nx = 1\n")).unwrap();
+    hup(&child);
+    for _ in 0..100 {
+        if node.log().contains("reload refused") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(node.log().contains("reload refused"), "{}", node.log());
+    assert!(node.log().contains("bogus"), "the refusal names the problem:\n{}", node.log());
+    node.drop_photos(&["HUP2".to_string()]);
+    sub.wait_for("HUP2 still on node a", 60, |m| m.iter().any(|m| m.topic == result_on("it-hup-a", "HUP2"))).await;
+
+    std::fs::write(&node.config, good.replace("node = \"it-hup-a\"", "node = \"it-hup-b\"")).unwrap();
+    hup(&child);
+    for _ in 0..200 {
+        if node.log().contains("configuration reloaded") && node.log().matches("attrd ready").count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(node.log().contains("configuration reloaded"), "{}", node.log());
+    node.drop_photos(&["HUP3".to_string()]);
+    sub.wait_for("HUP3 on node b", 60, |m| m.iter().any(|m| m.topic == result_on("it-hup-b", "HUP3"))).await;
+    assert!(child.try_wait().unwrap().is_none(), "the same process keeps running:\n{}", node.log());
+    assert!(
+        !sub.messages()
+            .iter()
+            .any(|m| m.topic == result_on("it-hup-b", "HUP1") || m.topic == result_on("it-hup-a", "HUP3")),
+        "each photo is published once, under the node name in force"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+}
