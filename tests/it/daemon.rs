@@ -492,3 +492,48 @@ async fn sighup_applies_a_valid_configuration_and_refuses_a_broken_one() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// The broker stopped and restarted mid-stream: the daemon keeps capturing and inferring while it is away (files
+/// reach `done/` because their results are safe in the outbox), then replays; every photo arrives, none twice with
+/// different ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restarts_mid_stream_lose_nothing() {
+    let mut broker = Mosquitto::start_persistent();
+    let node = Node::new("it-brk", broker.port);
+    let sub = Sub::start(broker.port, "it-brk-sub", &["attrd/it-brk/results/#"], true).await;
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+
+    let mut all = BTreeSet::new();
+    for (round, n) in [("A", 5), ("B", 8), ("C", 6)] {
+        let batch = skus(&format!("BRK{round}"), n);
+        all.extend(batch.iter().cloned());
+        node.drop_photos(&batch);
+        if round == "C" {
+            break;
+        }
+        // Let some of the round through, then pull the broker away while the rest is in flight.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        broker.stop();
+        let expect = all.len();
+        for _ in 0..300 {
+            if node.files_in("done").len() >= expect {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(node.files_in("done").len(), expect, "capture goes on without a broker:\n{}", node.log());
+        broker.restart();
+    }
+    sub.wait_for("every photo's result after two broker restarts", 90, |_| {
+        results_by_sku(&sub, &node.name).keys().cloned().collect::<BTreeSet<_>>() == all
+    })
+    .await;
+    for (sku, ids) in results_by_sku(&sub, &node.name) {
+        assert_eq!(ids.len(), 1, "{sku}: {ids:?}");
+    }
+    assert!(node.files_in("failed").is_empty());
+    assert!(child.try_wait().unwrap().is_none(), "attrd died:\n{}", node.log());
+    child.kill().unwrap();
+    let _ = child.wait();
+}
