@@ -471,3 +471,40 @@ async fn a_hot_folder_and_an_interval_camera_run_side_by_side() {
     let dup = vec![SourceConfig::Hotfolder(hot_cfg(&hot)), SourceConfig::Hotfolder(hot_cfg(&hot))];
     assert!(matches!(build(&dup), Err(SourceError::DuplicateName(_))));
 }
+
+/// Several cameras on one box: one trigger for a SKU fires every camera, and with a fusion window their shots
+/// become one SKU-level result with a view per camera.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cameras_triggered_together_are_fused_into_one_result() {
+    let p = photos(2);
+    let front = image::open(&p[0]).unwrap().to_rgb8();
+    let side = image::open(&p[1]).unwrap().to_rgb8();
+    let cam = |dev: &str| SourceConfig::V4l2(V4l2Config { device: dev.into(), name: None, ..V4l2Config::default() });
+    let cfgs = vec![cam("/dev/video0"), cam("/dev/video2")];
+    let built = build_with(&cfgs, |c| {
+        let (id, frame) = match c.device.to_string_lossy().as_ref() {
+            "/dev/video0" => ("video0", mjpeg_frame(&front, 90).unwrap()),
+            _ => ("video2", rgb_to_yuyv(&side)),
+        };
+        Ok(Box::new(FakeCamera::new(id, vec![frame]).0) as Box<dyn attrd::sources::FrameGrabber>)
+    })
+    .unwrap();
+    assert_eq!(built.triggers.keys().collect::<Vec<_>>(), ["video0", "video2"]);
+    let (out, out_rx) = mpsc::channel(8);
+    let consumer = ack_all(out_rx);
+    let pcfg = PipelineConfig { fusion_window: Duration::from_secs(2), ..cfg() };
+    let run = Running::start(built.sources, pcfg, out);
+    for t in built.triggers.values() {
+        t.send(Trigger { sku: "TWO-CAM".into() }).await.unwrap();
+    }
+    let stats = run.pipeline.stats.clone();
+    assert!(eventually(Duration::from_secs(60), || stats.snapshot().durable >= 1).await, "{:?}", stats.snapshot());
+    run.stop().await;
+    let got = consumer.await.unwrap();
+    assert_eq!(got.len(), 1, "one fused result: {got:#?}");
+    let r = &got[0];
+    assert_eq!(r.sku, "TWO-CAM");
+    let mut cams: Vec<Option<String>> = r.views.iter().map(|v| v.source.camera.clone()).collect();
+    cams.sort();
+    assert_eq!(cams, [Some("video0".to_string()), Some("video2".to_string())], "{r:#?}");
+}
