@@ -204,10 +204,13 @@ impl Config {
             fix(p);
         }
         for s in &mut self.sources {
-            if let SourceConfig::Hotfolder(h) = s {
-                fix(&mut h.dir);
-                h.done_dir.iter_mut().for_each(fix);
-                h.failed_dir.iter_mut().for_each(fix);
+            match s {
+                SourceConfig::Hotfolder(h) => {
+                    fix(&mut h.dir);
+                    h.done_dir.iter_mut().for_each(fix);
+                    h.failed_dir.iter_mut().for_each(fix);
+                }
+                SourceConfig::V4l2(c) => c.replay.iter_mut().for_each(fix),
             }
         }
     }

@@ -242,9 +242,9 @@ pub fn build_with(
     Ok(out)
 }
 
-/// [`build_with`] using real V4L2 devices for cameras.
+/// [`build_with`] using real V4L2 devices for cameras (or their `replay` directories).
 pub fn build(configs: &[SourceConfig]) -> Result<Sources, SourceError> {
-    build_with(configs, v4l2::device_grabber)
+    build_with(configs, v4l2::grabber)
 }
 
 /// Runs sources concurrently until all of them end (after shutdown). A source that panics is logged; the others

@@ -61,6 +61,10 @@ pub struct V4l2Config {
     pub retry_max: Duration,
     /// Frames waiting for a durable result before the camera stops taking new ones (triggers then wait). Default 8.
     pub max_in_flight: usize,
+    /// Instead of opening `device`, replay the JPEG files of this directory (in name order, round and round) as the
+    /// camera's frames: a camera simulator for demos and for testing trigger integrations without hardware.
+    /// Results say `source.type = "fake"`. Unset (default): a real camera.
+    pub replay: Option<PathBuf>,
 }
 
 impl Default for V4l2Config {
@@ -79,6 +83,7 @@ impl Default for V4l2Config {
             retry_min: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
             max_in_flight: 8,
+            replay: None,
         }
     }
 }
@@ -242,6 +247,37 @@ pub fn frame_to_jpeg(frame: &Frame, quality: u8) -> Result<Vec<u8>, FrameError> 
     }
 }
 
+/// The grabber for a configured camera: a replay of recorded frames when `replay` is set, else the device.
+pub fn grabber(cfg: &V4l2Config) -> Result<Box<dyn FrameGrabber>, SourceError> {
+    match &cfg.replay {
+        Some(dir) => replay_grabber(cfg, dir),
+        None => device_grabber(cfg),
+    }
+}
+
+fn replay_grabber(cfg: &V4l2Config, dir: &std::path::Path) -> Result<Box<dyn FrameGrabber>, SourceError> {
+    let bad = |reason: String| SourceError::Config { source_name: cfg.camera_id(), reason };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| bad(format!("replay directory {}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("jpg") || x.eq_ignore_ascii_case("jpeg")))
+        .collect();
+    files.sort();
+    let mut frames = Vec::with_capacity(files.len());
+    for f in files {
+        let data = std::fs::read(&f).map_err(|e| bad(format!("{}: {e}", f.display())))?;
+        let (width, height) = image::ImageReader::with_format(std::io::Cursor::new(&data), image::ImageFormat::Jpeg)
+            .into_dimensions()
+            .map_err(|e| bad(format!("{}: not a readable JPEG: {e}", f.display())))?;
+        frames.push(Frame { format: PixelFormat::Mjpeg, width, height, stride: 0, data });
+    }
+    if frames.is_empty() {
+        return Err(bad(format!("replay directory {} has no .jpg files", dir.display())));
+    }
+    tracing::info!(camera = %cfg.camera_id(), dir = %dir.display(), frames = frames.len(), "replaying recorded frames");
+    Ok(Box::new(super::fake::FakeCamera::new(cfg.camera_id(), frames).0))
+}
+
 /// The grabber for a configured V4L2 device.
 #[cfg(feature = "v4l2")]
 pub fn device_grabber(cfg: &V4l2Config) -> Result<Box<dyn FrameGrabber>, SourceError> {
@@ -354,7 +390,10 @@ impl CameraSource {
                             camera = %self.id, %device, format = ?info.format, width = info.width,
                             height = info.height, "camera streaming"
                         );
-                        if (info.width, info.height, info.format) != (settings.width, settings.height, settings.format)
+                        // Recorded frames have whatever size they were recorded at; only a real camera is "wrong".
+                        if self.cfg.replay.is_none()
+                            && (info.width, info.height, info.format)
+                                != (settings.width, settings.height, settings.format)
                         {
                             tracing::warn!(camera = %self.id, requested = ?settings, got = ?info, "camera picked another mode");
                         }

@@ -537,3 +537,45 @@ async fn broker_restarts_mid_stream_lose_nothing() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// A capture command over MQTT fires a camera (a replay camera: recorded frames behind the same trait as V4L2) and
+/// the SKU's result follows on MQTT; the reply names the cameras triggered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_capture_command_triggers_a_camera_and_publishes_its_result() {
+    let broker = Mosquitto::start();
+    let node = Node::new("it-cam", broker.port);
+    let frames = node.dir.path().join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    for (i, (_, path, _)) in fashion_rows().iter().skip(200).take(2).enumerate() {
+        std::fs::copy(path, frames.join(format!("{i}.jpg"))).unwrap();
+    }
+    let mut cfg = std::fs::read_to_string(&node.config).unwrap();
+    cfg.push_str(&format!("\n[[sources]]\ntype = \"v4l2\"\nname = \"front\"\nreplay = \"{}\"\n", frames.display()));
+    std::fs::write(&node.config, cfg).unwrap();
+    let sub =
+        Sub::start(broker.port, "it-cam-sub", &["attrd/it-cam/results/#", "attrd/it-cam/cmd/capture/response"], false)
+            .await;
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1", "-t", "attrd/it-cam/cmd/capture"])
+        .args(["-m", r#"{"sku": "CAM-1", "cameras": ["front"]}"#])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let msgs = sub
+        .wait_for("the reply and the result", 60, |m| {
+            m.iter().any(|m| m.topic.ends_with("/response"))
+                && m.iter().any(|m| m.topic == "attrd/it-cam/results/CAM-1")
+        })
+        .await;
+    let reply = msgs.iter().find(|m| m.topic.ends_with("/response")).unwrap().json();
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["cameras"], serde_json::json!(["front"]));
+    let result = msgs.iter().find(|m| m.topic == "attrd/it-cam/results/CAM-1").unwrap().json();
+    assert_eq!(result["source"]["camera"], "front", "{result}");
+    assert_eq!(result["source"]["type"], "fake", "{result}");
+    child.kill().unwrap();
+    let _ = child.wait();
+}
