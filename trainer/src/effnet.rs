@@ -41,6 +41,17 @@ impl Arch {
         }
     }
 
+    /// Padding for a model trained from scratch: symmetric (torchvision's convention, what ONNX and TensorRT run
+    /// fastest).
+    pub fn default_padding(self) -> Padding {
+        Padding::Symmetric
+    }
+
+    /// Batch-norm epsilon for a model trained from scratch (torchvision's EfficientNet uses 1e-3 for both).
+    pub fn default_bn_eps(self) -> f64 {
+        1e-3
+    }
+
     pub fn has_se(self) -> bool {
         matches!(self, Arch::B0)
     }

