@@ -22,6 +22,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Clean, deduplicate, label and split a catalog into a training dataset (dataset.json + report).
+    Curate(CurateArgs),
+    /// Fine-tune a multi-head EfficientNet on a curated dataset (needs a build with the `torch` feature).
+    Train(TrainArgs),
+    /// Evaluate a trained run on a curated dataset: calibration (temperature, per-class thresholds), metrics,
+    /// plots, Grad-CAM and a self-contained report.html (needs the `torch` feature).
+    Eval(EvalArgs),
+    /// Rank likely label errors of a curated dataset (confident learning on out-of-fold probabilities); with
+    /// --flip-rate, measure how well it finds deliberately flipped labels (needs the `torch` feature).
+    Audit(AuditArgs),
     /// Convert a checkpoint (safetensors, PyTorch zip or legacy; lukemelas, torchvision or timm names) into our
     /// canonical safetensors weights file.
     ImportWeights {
@@ -68,6 +78,10 @@ fn main() -> ExitCode {
 
 fn run(cmd: Command) -> Result<()> {
     match cmd {
+        Command::Curate(args) => curate(args),
+        Command::Train(args) => train(args),
+        Command::Eval(args) => eval(args),
+        Command::Audit(args) => audit(args),
         Command::ImportWeights { input, output, arch, padding, bn_eps, keep_classifier } => {
             let opts = ImportOptions { arch, padding, bn_eps, keep_classifier };
             let (backbone, report) =
@@ -256,4 +270,431 @@ fn golden_set(
         });
     }
     Ok((files, bundle::GoldenSet { tolerance, items }))
+}
+
+#[derive(clap::Args)]
+struct CurateArgs {
+    /// Curation schema (TOML): attributes, merges, conditions, duplicate and split settings.
+    #[arg(long)]
+    schema: PathBuf,
+    /// Labels file (CSV or JSONL); leave out for an ImageFolder tree given by --images.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Image root: image paths in the labels are relative to it (for ImageFolder, the `<class>/<image>` tree).
+    #[arg(long)]
+    images: PathBuf,
+    /// Output directory: dataset.json, report.md, removed.csv, conflicts.csv, plots/.
+    #[arg(long)]
+    out: PathBuf,
+    /// Input format (default: from the labels file's extension, ImageFolder without --labels).
+    #[arg(long, value_enum)]
+    format: Option<trainer::curate::Format>,
+    /// Split seed (default: the schema's split.seed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A curated dataset whose items keep their splits (default: the dataset already in --out, if any).
+    #[arg(long, conflicts_with = "fresh_split")]
+    previous: Option<PathBuf>,
+    /// Split from scratch even if --out already holds a dataset.
+    #[arg(long)]
+    fresh_split: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn curate(args: CurateArgs) -> Result<()> {
+    use trainer::curate::{self, MANIFEST_FILE, Options, Schema};
+    let schema = Schema::from_file(&args.schema)?;
+    // Re-curating into the same directory must not reshuffle the test set under the engineer's feet.
+    let previous = match (args.previous, args.fresh_split) {
+        (Some(p), _) => Some(p),
+        (None, false) if args.out.join(MANIFEST_FILE).is_file() => {
+            eprintln!(
+                "keeping the splits of the dataset already in {} (--fresh-split to re-split)",
+                args.out.display()
+            );
+            Some(args.out.clone())
+        }
+        (None, _) => None,
+    };
+    let opts = Options {
+        labels: args.labels,
+        images: args.images,
+        out: args.out.clone(),
+        format: args.format,
+        seed: args.seed,
+        previous,
+        progress: !args.quiet,
+    };
+    let outcome = curate::curate(&schema, &opts)
+        .with_context(|| format!("curating into {} with schema {}", args.out.display(), args.schema.display()))?;
+    println!("{}", outcome.summary);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Curated dataset: the directory `trainer curate` wrote (or its dataset.json).
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Training configuration (TOML, see `config/train-fashion.toml`); defaults apply to what it leaves out.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run directory: checkpoints, run.json, metrics.csv and curves.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Canonical weights to start from (`trainer import-weights`); overrides the configuration's `init`.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Start from random weights even if the configuration names `init`.
+    #[arg(long, conflicts_with = "init")]
+    random_init: bool,
+    /// Override the configuration's epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Override the configuration's device (`auto`, `cpu`, `cuda`, `cuda:N`).
+    #[arg(long)]
+    device: Option<String>,
+    /// Where the dataset's images are, if not where curation found them.
+    #[arg(long)]
+    images: Option<PathBuf>,
+}
+
+#[cfg(not(feature = "torch"))]
+fn train(_: TrainArgs) -> Result<()> {
+    bail!("this trainer was built without libtorch; build it with `--features torch` to train")
+}
+
+#[cfg(feature = "torch")]
+fn train(args: TrainArgs) -> Result<()> {
+    use trainer::curate::{Dataset, Split};
+    use trainer::torch::fit;
+    use trainer::train::{self, TrainConfig, data};
+
+    let mut cfg = match &args.config {
+        Some(p) => TrainConfig::load(p)?,
+        None => TrainConfig::default(),
+    };
+    if let Some(e) = args.epochs {
+        cfg.epochs = e;
+    }
+    if let Some(d) = &args.device {
+        cfg.device = d.clone();
+    }
+    if args.init.is_some() {
+        cfg.init = args.init.clone();
+    }
+    if args.random_init {
+        cfg.init = None;
+    }
+    if args.resume {
+        // The run's own configuration wins, except for what was overridden on the command line.
+        let saved: fit::RunState = serde_json::from_slice(
+            &std::fs::read(args.out.join(fit::RUN_FILE))
+                .with_context(|| format!("--resume: reading {}", args.out.join(fit::RUN_FILE).display()))?,
+        )
+        .with_context(|| format!("--resume: {} is not a run file", args.out.join(fit::RUN_FILE).display()))?;
+        let epochs = cfg.epochs;
+        cfg = saved.config;
+        if args.epochs.is_some() {
+            cfg.epochs = epochs;
+        }
+    }
+    let mut ds = Dataset::load(&args.dataset).with_context(|| format!("loading {}", args.dataset.display()))?;
+    if let Some(root) = &args.images {
+        ds = ds.with_image_root(root.clone());
+    }
+    let heads = train::heads_of(&ds);
+    let names: Vec<String> = heads.iter().map(|h| h.name.clone()).collect();
+    cfg.validate(&names)?;
+    let backbone = match &cfg.init {
+        Some(p) if !args.resume => {
+            let b = weights::Backbone::load(p).with_context(|| format!("loading initial weights {}", p.display()))?;
+            if b.arch != cfg.arch {
+                bail!(
+                    "{} holds {} weights but the configuration trains {}",
+                    p.display(),
+                    b.arch.as_str(),
+                    cfg.arch.as_str()
+                );
+            }
+            Some(b)
+        }
+        _ => None,
+    };
+    let pre = data::preprocessor(cfg.input_spec())?;
+    let load = |split: Split, limit: Option<usize>| -> Result<Vec<data::Example>> {
+        let items = train::items_of(&ds, split, limit);
+        let total = items.len();
+        let bar = indicatif::ProgressBar::new(total as u64);
+        let (ok, failed) = data::load_examples(items, &pre, |n| bar.set_position(n as u64));
+        bar.finish_and_clear();
+        if let Some((path, e)) = failed.first() {
+            bail!("{} of {total} {split} images cannot be read, e.g. {}: {e:#}", failed.len(), path.display());
+        }
+        Ok(ok)
+    };
+    let started = std::time::Instant::now();
+    let train_set = load(Split::Train, cfg.max_train_items)?;
+    let val_set = load(Split::Val, cfg.max_val_items)?;
+    eprintln!(
+        "decoded {} training and {} validation images in {:.1} s; training {} heads: {}",
+        train_set.len(),
+        val_set.len(),
+        started.elapsed().as_secs_f64(),
+        heads.len(),
+        names.join(", ")
+    );
+    let summary = fit::fit(fit::FitInput {
+        cfg: &cfg,
+        heads: &heads,
+        train: &train_set,
+        val: &val_set,
+        out_dir: &args.out,
+        resume: args.resume,
+        backbone: backbone.as_ref(),
+        dataset_fingerprint: Some(ds.fingerprint.clone()),
+        progress: true,
+    })?;
+    write_curves(&summary.state, &args.out)?;
+    let s = &summary.state;
+    let best = &s.log[s.best_epoch.saturating_sub(1).min(s.log.len().saturating_sub(1))];
+    eprintln!(
+        "{} epochs{} in {:.0} s; best validation mean macro-F1 {:.4} at epoch {} ({}); weights: {}",
+        s.epochs_done,
+        if summary.stopped_early { " (stopped early)" } else { "" },
+        s.log.iter().map(|l| l.seconds).sum::<f64>(),
+        s.best_val_f1,
+        s.best_epoch,
+        names.iter().zip(&best.val_macro_f1).map(|(n, f)| format!("{n} {f:.3}")).collect::<Vec<_>>().join(", "),
+        summary.best_weights.display()
+    );
+    Ok(())
+}
+
+/// Loss and validation-F1 curves of a run as PNG.
+#[cfg(feature = "torch")]
+fn write_curves(state: &trainer::torch::fit::RunState, out: &std::path::Path) -> Result<()> {
+    use trainer::plot::{LineChart, line_chart};
+    let xs = |f: &dyn Fn(&trainer::torch::fit::EpochLog) -> f64| -> Vec<(f64, f64)> {
+        state.log.iter().map(|l| (l.epoch as f64, f(l))).collect()
+    };
+    let mut loss = vec![("total".to_string(), xs(&|l| l.train_loss))];
+    let mut f1 = vec![("mean".to_string(), xs(&|l| l.val_mean_macro_f1))];
+    for (h, spec) in state.heads.iter().enumerate() {
+        loss.push((spec.name.clone(), xs(&|l| l.head_loss[h])));
+        f1.push((spec.name.clone(), xs(&|l| l.val_macro_f1[h])));
+    }
+    let charts = [
+        (
+            LineChart { title: "training loss".into(), x_label: "epoch".into(), y_label: "loss".into(), series: loss },
+            "loss.png",
+        ),
+        (
+            LineChart {
+                title: "validation macro-F1".into(),
+                x_label: "epoch".into(),
+                y_label: "macro-F1".into(),
+                series: f1,
+            },
+            "val_f1.png",
+        ),
+    ];
+    for (chart, file) in charts {
+        line_chart(&chart, &out.join(file)).with_context(|| format!("writing {file}"))?;
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// Curated dataset (the directory `trainer curate` wrote).
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Pretrained canonical weights whose features the out-of-fold probes use (`trainer import-weights`).
+    #[arg(long)]
+    init: PathBuf,
+    /// Training configuration: its input size and normalisation are used for the features.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Split to audit.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Folds of the grouped cross-validation.
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    /// Flip this fraction of each head's labels in a copy first and report how many of the flips the audit finds.
+    #[arg(long)]
+    flip_rate: Option<f64>,
+    /// Audit at most this many items (in id order).
+    #[arg(long)]
+    max_items: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Output directory (label_issues.csv, audit.json).
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Where the dataset's images are, if not where curation found them.
+    #[arg(long)]
+    images: Option<PathBuf>,
+}
+
+#[cfg(not(feature = "torch"))]
+fn audit(_: AuditArgs) -> Result<()> {
+    bail!("this trainer was built without libtorch; build it with `--features torch` to audit")
+}
+
+#[cfg(feature = "torch")]
+fn audit(args: AuditArgs) -> Result<()> {
+    use trainer::curate::{Dataset, Split};
+    use trainer::torch::audit_run::{self, AuditOptions};
+    use trainer::train::{self, TrainConfig, data};
+
+    let cfg = match &args.config {
+        Some(p) => TrainConfig::load(p)?,
+        None => TrainConfig::default(),
+    };
+    let split = match args.split.as_str() {
+        "train" => Split::Train,
+        "val" => Split::Val,
+        "test" => Split::Test,
+        other => bail!("--split {other:?}: expected train, val or test"),
+    };
+    let mut ds = Dataset::load(&args.dataset).with_context(|| format!("loading {}", args.dataset.display()))?;
+    if let Some(root) = &args.images {
+        ds = ds.with_image_root(root.clone());
+    }
+    let heads = train::heads_of(&ds);
+    let backbone = weights::Backbone::load(&args.init).with_context(|| format!("loading {}", args.init.display()))?;
+    let pre = data::preprocessor(cfg.input_spec())?;
+    let items = train::items_of(&ds, split, args.max_items);
+    let bar = indicatif::ProgressBar::new(items.len() as u64);
+    let (examples, failed) = data::load_examples(items, &pre, |n| bar.set_position(n as u64));
+    bar.finish_and_clear();
+    if let Some((path, e)) = failed.first() {
+        bail!("{} images cannot be read, e.g. {}: {e:#}", failed.len(), path.display());
+    }
+    let device = trainer::torch::fit::device(&args.device)?;
+    let mut vs = tch::nn::VarStore::new(device);
+    let specs: Vec<(String, usize)> = heads.iter().map(|h| (h.name.clone(), h.classes.len())).collect();
+    let model = trainer::torch::EffNet::from_backbone(&mut vs, &backbone, &specs, 0.0)?;
+    let opts = AuditOptions { folds: args.folds, seed: args.seed, flip_rate: args.flip_rate, ..Default::default() };
+    let bar = indicatif::ProgressBar::new(examples.len() as u64);
+    let results =
+        audit_run::audit(&model, &examples, &heads, &pre, device, &opts, &args.out, |n| bar.set_position(n as u64))?;
+    bar.finish_and_clear();
+    for r in &results {
+        let planted = r
+            .planted
+            .as_ref()
+            .map(|p| format!("; planted flips: precision {:.3}, recall {:.3}", p.precision, p.recall))
+            .unwrap_or_default();
+        eprintln!(
+            "{:<14} {} labelled, out-of-fold accuracy {:.3}, {} flagged{planted}",
+            r.head, r.labelled, r.oof_accuracy, r.flagged
+        );
+    }
+    eprintln!("ranked candidates: {}", args.out.join("label_issues.csv").display());
+    Ok(())
+}
+
+/// `--split` of `trainer eval`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum EvalSplit {
+    Test,
+    Val,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Run directory of `trainer train` (run.json + best.safetensors).
+    #[arg(long)]
+    run: PathBuf,
+    /// Curated dataset: the directory `trainer curate` wrote (or its dataset.json).
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Split to report on; temperatures and thresholds are always fitted on val.
+    #[arg(long, value_enum, default_value = "test")]
+    split: EvalSplit,
+    /// Output directory: eval.json, calibration.json, report.html, plots/, gradcam/ (default: <run>/eval).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Precision the per-class thresholds aim for on the calibrated validation probabilities.
+    #[arg(long, default_value_t = 0.9)]
+    target_precision: f64,
+    /// Fewest validation items a class threshold must accept.
+    #[arg(long, default_value_t = 5)]
+    min_support: u64,
+    /// Device: `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Where the dataset's images are, if not where curation found them.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Right and wrong predictions each to explain with Grad-CAM per head.
+    #[arg(long, default_value_t = 4)]
+    gradcam: usize,
+    /// Seed of the Grad-CAM sample.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[cfg(not(feature = "torch"))]
+fn eval(_: EvalArgs) -> Result<()> {
+    bail!("this trainer was built without libtorch; build it with `--features torch` to evaluate")
+}
+
+#[cfg(feature = "torch")]
+fn eval(args: EvalArgs) -> Result<()> {
+    use trainer::curate::{Dataset, Split};
+    use trainer::torch::report::{self, EvalOptions};
+
+    let mut ds = Dataset::load(&args.dataset).with_context(|| format!("loading {}", args.dataset.display()))?;
+    if let Some(root) = &args.images {
+        ds = ds.with_image_root(root.clone());
+    }
+    let opts = EvalOptions {
+        split: match args.split {
+            EvalSplit::Test => Split::Test,
+            EvalSplit::Val => Split::Val,
+        },
+        target_precision: args.target_precision,
+        min_support: args.min_support,
+        device: args.device.clone(),
+        batch_size: args.batch_size,
+        gradcam_samples: args.gradcam,
+        seed: args.seed,
+        ..EvalOptions::default()
+    };
+    let out = args.out.clone().unwrap_or_else(|| args.run.join("eval"));
+    let summary = report::evaluate(&args.run, &ds, &opts, &out)
+        .with_context(|| format!("evaluating {} on {}", args.run.display(), args.dataset.display()))?;
+    for w in &summary.report.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "{} split, {} items; temperatures and thresholds (precision {}) from {} val items\n{}",
+        summary.report.split,
+        summary.report.items,
+        opts.target_precision,
+        summary.report.calibration_items,
+        report::summary_table(&summary.report)
+    );
+    println!(
+        "report: {}\nmetrics: {}\ncalibration: {}",
+        summary.html.display(),
+        summary.eval_json.display(),
+        summary.calibration_json.display()
+    );
+    Ok(())
 }

@@ -192,7 +192,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FitError> {
 
 fn save_weights(vs: &nn::VarStore, path: &Path) -> Result<(), FitError> {
     let tmp = path.with_extension("tmp.safetensors");
-    vs.save(&tmp)?;
+    // Channels-last weights are non-contiguous views, which safetensors cannot store: save contiguous copies.
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, t)| (n, t.contiguous())).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Tensor::write_safetensors(&named, &tmp)?;
     std::fs::rename(&tmp, path).map_err(|source| FitError::Io { path: path.to_owned(), source })
 }
 
@@ -331,7 +334,7 @@ pub fn fit(input: FitInput<'_>) -> Result<FitSummary, FitError> {
                         sums[h] += v * t.known() as f64;
                         counts[h] += t.known();
                     }
-                    loss = loss + hl * head_weights[h];
+                    loss += hl * head_weights[h];
                 }
                 let lv = loss.double_value(&[]);
                 opt.zero_grad();
@@ -572,7 +575,7 @@ impl LossScaler {
         opt.step();
         if self.enabled {
             self.good += 1;
-            if self.good % 2000 == 0 {
+            if self.good.is_multiple_of(2000) {
                 self.scale = (self.scale * 2.0).min(2f64.powi(24));
             }
         }
@@ -633,10 +636,49 @@ impl Ema {
     }
 }
 
-/// Probabilities per head (`[N, classes]`, softmax or sigmoid) for `examples`, without augmentation: the tensors
-/// are exactly what serving computes for the same decoded images.
+/// Probabilities per head (`[N, classes]`, softmax or sigmoid at temperature 1) for `examples`; see
+/// [`predict_logits`].
 #[allow(clippy::too_many_arguments)]
 pub fn predict(
+    model: &EffNet,
+    examples: &[Example],
+    heads: &[HeadSpec],
+    pre: &Preprocessor,
+    device: Device,
+    batch_size: usize,
+    channels_last: bool,
+    amp: bool,
+) -> Result<Vec<Array2<f32>>, FitError> {
+    let logits = predict_logits(model, examples, heads, pre, device, batch_size, channels_last, amp)?;
+    Ok(probabilities(heads, &logits))
+}
+
+/// Softmax (single-label) or sigmoid (multi-label) of each head's logits.
+pub fn probabilities(heads: &[HeadSpec], logits: &[Array2<f32>]) -> Vec<Array2<f32>> {
+    heads
+        .iter()
+        .zip(logits)
+        .map(|(spec, l)| {
+            if spec.multi_label {
+                l.mapv(|v| 1.0 / (1.0 + (-v).exp()))
+            } else {
+                let mut p = l.clone();
+                for mut row in p.outer_iter_mut() {
+                    let m = row.fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    row.mapv_inplace(|v| (v - m).exp());
+                    let s = row.sum();
+                    row.mapv_inplace(|v| v / s);
+                }
+                p
+            }
+        })
+        .collect()
+}
+
+/// Logits per head (`[N, classes]`) for `examples`, without augmentation: the input tensors are exactly what
+/// serving computes for the same decoded images.
+#[allow(clippy::too_many_arguments)]
+pub fn predict_logits(
     model: &EffNet,
     examples: &[Example],
     heads: &[HeadSpec],
@@ -652,11 +694,9 @@ pub fn predict(
         let batch = data::make_batch(examples, chunk, heads, pre, None);
         let xs = images_tensor(&batch, pre, device, channels_last);
         let logits = tch::no_grad(|| tch::autocast(amp, || model.f_forward_heads_t(&xs, false)))?;
-        for (h, (l, spec)) in logits.iter().zip(heads).enumerate() {
-            let l = l.to_kind(Kind::Float);
-            let p = if spec.multi_label { l.sigmoid() } else { l.softmax(-1, Kind::Float) };
-            let p = p.to_device(Device::Cpu).contiguous().view([-1]);
-            out[h].extend(Vec::<f32>::try_from(&p)?);
+        for (h, l) in logits.iter().enumerate() {
+            let l = l.to_kind(Kind::Float).to_device(Device::Cpu).contiguous().view([-1]);
+            out[h].extend(Vec::<f32>::try_from(&l)?);
         }
     }
     heads

@@ -6,9 +6,12 @@
 //! `vs.root()`), plus `heads.{name}.{weight,bias}` for each attribute head, so moving weights in and out is a
 //! name-for-name copy with shape checks and no renaming tables.
 
+pub mod audit_run;
 mod convert;
 pub mod fit;
+pub mod gradcam;
 mod model;
+pub mod report;
 
 pub use convert::{classifier_as_head, export_backbone, export_heads, load_backbone, load_heads};
 pub use model::{

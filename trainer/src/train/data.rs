@@ -82,7 +82,7 @@ pub fn load_examples(
         .into_par_iter()
         .map(|(id, path, targets, group)| {
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if n % 1000 == 0 {
+            if n.is_multiple_of(1000) {
                 progress(n);
             }
             let bytes =

@@ -270,6 +270,40 @@ impl TrainConfig {
     }
 }
 
+/// The heads a curated dataset defines, in its attribute order.
+pub fn heads_of(ds: &crate::curate::Dataset) -> Vec<data::HeadSpec> {
+    ds.attributes
+        .iter()
+        .map(|a| data::HeadSpec {
+            name: a.name.clone(),
+            classes: a.classes.clone(),
+            multi_label: a.kind == crate::curate::schema::Kind::Multi,
+        })
+        .collect()
+}
+
+/// The items of one split (at most `limit`, taken in id order) with their targets, ready for
+/// [`data::load_examples`].
+pub fn items_of(ds: &crate::curate::Dataset, split: crate::curate::Split, limit: Option<usize>) -> Vec<data::ItemSpec> {
+    use crate::curate::Label;
+    ds.items(split)
+        .take(limit.unwrap_or(usize::MAX))
+        .map(|it| {
+            let targets = it
+                .labels
+                .iter()
+                .map(|l| match l {
+                    Label::Class(c) => data::Target::Class(*c as usize),
+                    Label::Multi(v) => data::Target::Multi(v.iter().map(|&c| c as usize).collect()),
+                    Label::Missing => data::Target::Missing,
+                    Label::NotApplicable => data::Target::NotApplicable,
+                })
+                .collect();
+            (it.id.clone(), ds.image_path(it), targets, it.group.clone())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

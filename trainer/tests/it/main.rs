@@ -1,5 +1,8 @@
 //! The trainer crate's single integration-test binary; each module covers one area.
 
+mod curate;
+#[cfg(feature = "torch")]
+mod eval;
 mod lifecycle;
 mod onnx;
 mod ort_rt;
