@@ -69,15 +69,17 @@ listen = "127.0.0.1:{http_port}"
         self.dir.path().join("hot")
     }
 
-    fn start(&self) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_attrd"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("ATTRD_LOG", "info,ort=warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join("attrd.log")).unwrap())
-            .spawn()
-            .unwrap()
+    fn start(&self) -> Daemon {
+        Daemon(
+            Command::new(env!("CARGO_BIN_EXE_attrd"))
+                .args(["run", "--config"])
+                .arg(&self.config)
+                .env("ATTRD_LOG", "info,ort=warn")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(self.dir.path().join("attrd.log")).unwrap())
+                .spawn()
+                .unwrap(),
+        )
     }
 
     fn log(&self) -> String {
@@ -105,6 +107,29 @@ listen = "127.0.0.1:{http_port}"
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// The daemon process; killed when dropped, so a failing test does not leave it running.
+struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -481,8 +481,9 @@ fn loss_class_weights(
         .collect()
 }
 
-/// A head's mean loss over its known labels; `None` when the batch has none (a mean over nothing would be NaN).
-fn head_loss(
+/// A head's mean loss over its known labels (unknown ones are masked out); `None` when the batch has none (a mean
+/// over nothing would be NaN).
+pub fn head_loss(
     logits: &Tensor,
     targets: &HeadTargets,
     smoothing: f64,

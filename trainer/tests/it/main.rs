@@ -1,5 +1,7 @@
 //! The trainer crate's single integration-test binary; each module covers one area.
 
+#[cfg(feature = "torch")]
+mod cli_pipeline;
 mod curate;
 #[cfg(feature = "torch")]
 mod eval;

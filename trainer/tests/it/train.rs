@@ -122,3 +122,29 @@ fn a_short_fine_tune_lowers_the_loss_writes_checkpoints_and_resumes() {
     let best = &s.log[s.best_epoch - 1];
     assert!((f1[0] - best.val_macro_f1[0]).abs() < 1e-9, "{f1:?} vs {:?}", best.val_macro_f1);
 }
+
+/// Missing and not-applicable labels contribute nothing: the masked loss equals the loss computed by hand over the
+/// known labels only, for softmax and for sigmoid heads.
+#[test]
+fn unknown_labels_are_masked_out_of_the_loss() {
+    use tch::{Device, Tensor};
+    use trainer::train::data::{HeadTargets, IGNORE};
+    let logits = Tensor::from_slice(&[2.0f32, 0.5, -1.0, 9.0, 9.0, 9.0, 0.1, 0.2, 3.0, -5.0, 7.0, 1.0]).view([4, 3]);
+    let t = HeadTargets::Single(vec![0, IGNORE, 2, IGNORE]);
+    let got = fit::head_loss(&logits, &t, 0.0, None, Device::Cpu).unwrap().unwrap().double_value(&[]);
+    let nll = |row: [f64; 3], c: usize| {
+        let lse = row.iter().map(|v| v.exp()).sum::<f64>().ln();
+        lse - row[c]
+    };
+    let want = (nll([2.0, 0.5, -1.0], 0) + nll([0.1, 0.2, 3.0], 2)) / 2.0;
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    assert!(fit::head_loss(&logits, &HeadTargets::Single(vec![IGNORE; 4]), 0.0, None, Device::Cpu).unwrap().is_none());
+
+    let logits = Tensor::from_slice(&[1.0f32, -2.0, 50.0, -50.0]).view([2, 2]);
+    let t = HeadTargets::Multi { targets: vec![1.0, 0.0, 0.0, 0.0], mask: vec![1.0, 1.0, 0.0, 0.0], classes: 2 };
+    let got = fit::head_loss(&logits, &t, 0.0, None, Device::Cpu).unwrap().unwrap().double_value(&[]);
+    let bce =
+        |x: f64, y: f64| -(y * (1.0 / (1.0 + (-x).exp())).ln() + (1.0 - y) * (1.0 - 1.0 / (1.0 + (-x).exp())).ln());
+    let want = (bce(1.0, 1.0) + bce(-2.0, 0.0)) / 2.0;
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+}
