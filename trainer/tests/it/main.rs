@@ -2,6 +2,7 @@
 
 #[cfg(feature = "torch")]
 mod cli_pipeline;
+mod common;
 mod curate;
 #[cfg(feature = "torch")]
 mod eval;

