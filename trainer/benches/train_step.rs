@@ -5,9 +5,10 @@
 //!
 //! The step is a copy of the body of `fit`'s batch loop (trainer/src/torch/fit.rs) with the data pipeline replaced by
 //! a fixed synthetic batch: per-group learning rates, host→device copy of the images (channels-last when asked),
-//! forward under `tch::autocast`, masked label-smoothed cross-entropy per head with the per-head loss read back (fit
-//! logs it), backward of the scaled loss, unscale + global-norm check + clipping, AdamW step. It is replicated rather
-//! than shared so that the benchmark cannot change the training loop; keep the two in step when fit.rs changes.
+//! forward under `tch::autocast`, fit's own masked label-smoothed cross-entropy per head (`fit::head_loss`) with the
+//! per-head loss read back (fit logs it), backward of the scaled loss, unscale + global-norm check + clipping, AdamW
+//! step. The loop body and the private `LossScaler` are replicated rather than shared so that the benchmark cannot
+//! change the training loop; keep the two in step when fit.rs changes.
 //! Hyperparameters come from `TrainConfig::default()`, so they follow whatever `trainer train` uses by default, and
 //! are echoed in the JSON so the driver can check the Python peer used the same ones.
 
@@ -16,13 +17,14 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use tch::nn::{self, OptimizerConfig};
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Kind, Tensor};
 use trainer::effnet::Arch;
+use trainer::torch::fit::head_loss;
 use trainer::torch::{
     BN_MOMENTUM, EffNet, GROUP_BACKBONE_DECAY, GROUP_BACKBONE_NO_DECAY, GROUP_HEAD_DECAY, GROUP_HEAD_NO_DECAY,
 };
 use trainer::train::TrainConfig;
-use trainer::train::data::IGNORE;
+use trainer::train::data::{HeadTargets, IGNORE};
 
 /// Times training steps of the trainer's EfficientNet (ours) on a synthetic batch.
 #[derive(Parser, Debug)]
@@ -159,9 +161,13 @@ fn sync(device: Device) {
 
 /// Per head, one label per image, deterministic so that the Python peer builds the identical batch: class
 /// `(7 i + 3 h) mod classes`, and every tenth image unlabelled ([`IGNORE`]) so the loss masking is exercised.
-fn synthetic_targets(batch: usize, heads: usize, classes: usize) -> Vec<Vec<i64>> {
+fn synthetic_targets(batch: usize, heads: usize, classes: usize) -> Vec<HeadTargets> {
     (0..heads)
-        .map(|h| (0..batch).map(|i| if i % 10 == 9 { IGNORE } else { ((7 * i + 3 * h) % classes) as i64 }).collect())
+        .map(|h| {
+            HeadTargets::Single(
+                (0..batch).map(|i| if i % 10 == 9 { IGNORE } else { ((7 * i + 3 * h) % classes) as i64 }).collect(),
+            )
+        })
         .collect()
 }
 
@@ -177,7 +183,7 @@ struct Step<'a> {
 impl Step<'_> {
     /// One step of fit's batch loop (unfrozen backbone, no EMA, no class weights, head weights 1); false when the
     /// gradients were not finite and the step was skipped.
-    fn run(&mut self, images: &Tensor, targets: &[Vec<i64>], scaler: &mut LossScaler) -> Result<bool> {
+    fn run(&mut self, images: &Tensor, targets: &[HeadTargets], scaler: &mut LossScaler) -> Result<bool> {
         let (cfg, device) = (self.cfg, self.device);
         // fit sets these every step from the warm-up/cosine schedule; the value does not matter for timing.
         let lr = cfg.lr;
@@ -191,18 +197,12 @@ impl Step<'_> {
         let mut loss = Tensor::zeros([], (Kind::Float, device));
         let mut head_sum = 0.0;
         for (l, t) in logits.iter().zip(targets) {
-            let t = Tensor::from_slice(t).to_device(device);
-            let hl = l.to_kind(Kind::Float).f_cross_entropy_loss(
-                &t,
-                None::<&Tensor>,
-                Reduction::Mean,
-                IGNORE,
-                cfg.label_smoothing,
-            )?;
+            // Every head has known labels here, so there is always a loss (fit skips heads without any).
+            let Some(hl) = head_loss(l, t, cfg.label_smoothing, None, device)? else { continue };
             // fit reads every head's loss back for its per-head averages: a device sync per head on CUDA.
             head_sum += hl.double_value(&[]);
-            // Out of place with the head weight (1 here), as fit does.
-            loss = &loss + hl * 1.0;
+            // Times the head weight (1 here), as fit does.
+            loss += hl * 1.0;
         }
         let lv = loss.double_value(&[]);
         std::hint::black_box((head_sum, lv));

@@ -32,6 +32,12 @@ enum Command {
     /// Rank likely label errors of a curated dataset (confident learning on out-of-fold probabilities); with
     /// --flip-rate, measure how well it finds deliberately flipped labels (needs the `torch` feature).
     Audit(AuditArgs),
+    /// Export a trained run to ONNX (fp32, batch norm folded) and package it as a signed bundle with its calibration,
+    /// dataset fingerprint, evaluation summary and a golden set (needs the `torch` feature).
+    Package(PackageArgs),
+    /// Publish a bundle to the fleet over MQTT (retained, chunked; see docs/mqtt.md) and/or into a directory
+    /// (atomically, so a watcher never sees half a bundle).
+    Ship(ShipArgs),
     /// Convert a checkpoint (safetensors, PyTorch zip or legacy; lukemelas, torchvision or timm names) into our
     /// canonical safetensors weights file.
     ImportWeights {
@@ -82,6 +88,8 @@ fn run(cmd: Command) -> Result<()> {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Audit(args) => audit(args),
+        Command::Package(args) => package(args),
+        Command::Ship(args) => ship(args),
         Command::ImportWeights { input, output, arch, padding, bn_eps, keep_classifier } => {
             let opts = ImportOptions { arch, padding, bn_eps, keep_classifier };
             let (backbone, report) =
@@ -696,5 +704,239 @@ fn eval(args: EvalArgs) -> Result<()> {
         summary.eval_json.display(),
         summary.calibration_json.display()
     );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct PackageArgs {
+    /// Training run directory (`trainer train --out`).
+    #[arg(long)]
+    run: PathBuf,
+    /// Calibration from `trainer eval` (temperatures and per-class thresholds); default `<run>/eval/calibration.json`.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// The curated dataset: golden images come from its test split and `applies_to` conditions from its attributes.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Where the dataset's images are, if not where curation found them.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Bundle (model) name.
+    #[arg(long)]
+    name: String,
+    /// Bundle version.
+    #[arg(long)]
+    version: semver::Version,
+    /// PKCS#8 PEM private key to sign with (`trainer keygen`); unsigned bundles are refused by attrd.
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
+    /// Golden images taken from the test split; their fp32 CPU outputs are what every provider must reproduce.
+    #[arg(long, default_value_t = 32)]
+    golden: usize,
+    /// Largest probability difference the golden set allows.
+    #[arg(long, default_value_t = 5e-3)]
+    golden_tolerance: f32,
+    /// Bundle directory to create.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+#[cfg(not(feature = "torch"))]
+fn package(_: PackageArgs) -> Result<()> {
+    bail!("this trainer was built without libtorch; build it with `--features torch` to package a training run")
+}
+
+#[cfg(feature = "torch")]
+fn package(args: PackageArgs) -> Result<()> {
+    use trainer::curate::{Dataset, Split};
+    use trainer::torch::report::Calibration;
+    use trainer::torch::{export_backbone, export_heads, fit};
+
+    let (state, vs, model) = fit::load_run(&args.run, tch::Device::Cpu)
+        .with_context(|| format!("loading the run in {}", args.run.display()))?;
+    let cal_path = args.calibration.clone().unwrap_or_else(|| args.run.join("eval/calibration.json"));
+    let cal: Calibration = serde_json::from_slice(
+        &std::fs::read(&cal_path)
+            .with_context(|| format!("reading {} (run `trainer eval` first)", cal_path.display()))?,
+    )
+    .with_context(|| format!("{} is not a calibration file", cal_path.display()))?;
+    let mut ds = Dataset::load(&args.dataset).with_context(|| format!("loading {}", args.dataset.display()))?;
+    if let Some(root) = &args.images {
+        ds = ds.with_image_root(root.clone());
+    }
+    if state.dataset_fingerprint.as_deref().is_some_and(|f| f != ds.fingerprint) {
+        bail!(
+            "the run was trained on dataset {} but {} is {}",
+            state.dataset_fingerprint.as_deref().unwrap_or_default(),
+            args.dataset.display(),
+            ds.fingerprint
+        );
+    }
+    let backbone = export_backbone(&vs, state.arch, state.padding, state.bn_eps as f32)?;
+    let heads = export_heads(&vs, &model.head_specs())?;
+    let input = state.config.input_spec();
+    let opts = ExportOptions {
+        height: input.height,
+        width: input.width,
+        input_name: "image".into(),
+        doc: Some(format!("{} attribute model exported by attrd-trainer", state.arch)),
+        metadata: vec![("padding".into(), state.padding.as_str().into())],
+    };
+    let onnx_model = export_effnet(&backbone, &heads, &opts)?;
+    let tmp = tempfile::tempdir()?;
+    let onnx = tmp.path().join("model.onnx");
+    write_model(&onnx_model, &onnx)?;
+
+    let mut manifest_heads = Vec::new();
+    for spec in &state.heads {
+        let c = cal.heads.iter().find(|h| h.name == spec.name).with_context(|| {
+            format!("{} has no calibration for head {:?}; evaluate this run again", cal_path.display(), spec.name)
+        })?;
+        if c.classes != spec.classes {
+            bail!("{}: head {:?} has other classes than the run", cal_path.display(), spec.name);
+        }
+        let applies_to =
+            ds.attributes.iter().find(|a| a.name == spec.name).and_then(|a| a.applies_to.as_ref()).and_then(|cond| {
+                cond.attribute
+                    .as_ref()
+                    .map(|attr| bundle::AppliesTo { attribute: attr.clone(), values: cond.values.clone() })
+            });
+        manifest_heads.push(bundle::Head {
+            name: spec.name.clone(),
+            kind: if spec.multi_label { HeadKind::Multi } else { HeadKind::Single },
+            classes: spec.classes.clone(),
+            applies_to,
+            temperature: c.temperature as f32,
+            thresholds: c.thresholds.clone(),
+            top_k: spec.classes.len().min(5),
+        });
+    }
+    // The evaluation summary `trainer eval` wrote beside the calibration.
+    let evaluation = std::fs::read(cal_path.with_file_name("eval.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .map(|e| {
+            let heads: Vec<serde_json::Value> = e["heads"]
+                .as_array()
+                .map(|hs| hs.iter().map(|h| serde_json::json!({"name": h["name"], "summary": h["summary"]})).collect())
+                .unwrap_or_default();
+            serde_json::json!({"split": e["split"], "items": e["items"], "heads": heads})
+        });
+    let key = args.signing_key.as_deref().map(bundle::read_signing_key).transpose()?;
+    let manifest = Manifest {
+        schema_version: bundle::SCHEMA_VERSION,
+        name: args.name.clone(),
+        version: args.version.clone(),
+        created_at: time::OffsetDateTime::now_utc().replace_nanosecond(0)?,
+        description: format!(
+            "{} attributes ({}) trained by attrd-trainer, best epoch {} of {}",
+            state.heads.len(),
+            state.heads.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", "),
+            state.best_epoch,
+            state.epochs_done
+        ),
+        architecture: state.arch.to_string(),
+        precision: Precision::Fp32,
+        training_data: TrainingData {
+            fingerprint: ds.fingerprint.clone(),
+            description: format!("curated dataset of {} items", ds.items.len()),
+        },
+        input,
+        input_name: opts.input_name.clone(),
+        heads: manifest_heads,
+        onnx: bundle::FileRef { file: String::new(), sha256: "0".repeat(64) },
+        golden: None,
+        evaluation,
+    };
+    let golden_images: Vec<PathBuf> = ds.items(Split::Test).take(args.golden).map(|it| ds.image_path(it)).collect();
+    let golden = if golden_images.is_empty() {
+        None
+    } else {
+        Some(golden_set(&manifest, &onnx, &golden_images, args.golden_tolerance, tmp.path())?)
+    };
+    let b = bundle::write(&args.output, NewBundle { manifest, onnx: &onnx, golden, signing_key: key.as_ref() })?;
+    eprintln!(
+        "wrote bundle {} ({} heads, {} golden images{}) to {}",
+        b.label(),
+        b.manifest().heads.len(),
+        golden_images.len(),
+        if key.is_some() { ", signed" } else { ", UNSIGNED: attrd will refuse it" },
+        args.output.display()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct ShipArgs {
+    /// Bundle directory (`trainer package --output`).
+    bundle: PathBuf,
+    /// Publish to this MQTT broker (host[:port]); TLS and credentials come from --mqtt-config.
+    #[arg(long)]
+    mqtt: Option<String>,
+    /// An attrd configuration file whose `[mqtt]` table (TLS, credentials, topic prefix) is used.
+    #[arg(long)]
+    mqtt_config: Option<PathBuf>,
+    /// Chunk size in bytes (attrd accepts packets up to 1 MiB).
+    #[arg(long, default_value_t = attrd::mqtt::transfer::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
+    /// Also copy the bundle into this directory as `<name>-<version>`, renamed into place in one step.
+    #[arg(long)]
+    to_dir: Option<PathBuf>,
+}
+
+fn ship(args: ShipArgs) -> Result<()> {
+    let b = bundle::Bundle::open(&args.bundle).with_context(|| format!("opening {}", args.bundle.display()))?;
+    if args.mqtt.is_none() && args.to_dir.is_none() {
+        bail!("nothing to do: give --mqtt HOST[:PORT] and/or --to-dir DIR");
+    }
+    if let Some(dir) = &args.to_dir {
+        let id = format!("{}-{}", b.manifest().name, b.manifest().version);
+        let dest = dir.join(&id);
+        if dest.exists() {
+            bail!("{} already exists", dest.display());
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Staged beside the destination (same file system) and renamed, so watchers never see a partial bundle.
+        let stage = tempfile::Builder::new().prefix(".ship-").tempdir_in(dir)?;
+        let tar = stage.path().join("bundle.tar");
+        bundle::pack_tar(&b, &tar)?;
+        let unpack = stage.path().join("unpacked");
+        std::fs::create_dir_all(&unpack)?;
+        let staged = bundle::unpack_tar(std::fs::File::open(&tar)?, &unpack)?;
+        std::fs::rename(staged.dir(), &dest).with_context(|| format!("moving the bundle to {}", dest.display()))?;
+        eprintln!("shipped {} to {}", b.label(), dest.display());
+    }
+    if let Some(target) = &args.mqtt {
+        let mut cfg = match &args.mqtt_config {
+            Some(p) => attrd::config::Config::load(p).with_context(|| format!("reading {}", p.display()))?.mqtt,
+            None => attrd::mqtt::MqttConfig::default(),
+        };
+        let (host, port) = match target.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.parse().with_context(|| format!("--mqtt {target}: bad port"))?),
+            None => (target.clone(), cfg.port),
+        };
+        cfg.host = host;
+        cfg.port = port;
+        if cfg.node.is_none() {
+            cfg.node = Some("trainer".into());
+        }
+        let opts = attrd::mqtt::transfer::ShipOptions { chunk_size: args.chunk_size, ..Default::default() };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let bar = indicatif::ProgressBar::new(0);
+        let report = rt.block_on(attrd::mqtt::transfer::ship(&cfg, &b, &opts, |done, total| {
+            bar.set_length(u64::from(total));
+            bar.set_position(u64::from(done));
+        }))?;
+        bar.finish_and_clear();
+        eprintln!(
+            "shipped {} to {} ({} bytes in {} chunks, sha256 {}){}",
+            b.label(),
+            report.topic,
+            report.announcement.size,
+            report.announcement.chunks.len(),
+            report.announcement.sha256,
+            report.replaced.map(|r| format!("; replaced {r}")).unwrap_or_default()
+        );
+    }
     Ok(())
 }

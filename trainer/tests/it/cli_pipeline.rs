@@ -1,6 +1,6 @@
 //! The ML engineer's path through the real `trainer` binary on a small slice of the real catalogue: curate → train
-//! (2 epochs, 64×64, from the ImageNet Lite0 weights) → eval → audit with planted flips. The loss must fall and each
-//! step must leave its artefacts.
+//! (2 epochs, 64×64, from the ImageNet Lite0 weights) → eval → audit with planted flips → package → ship. The loss
+//! must fall, each step must leave its artefacts, and the packaged ONNX must match the tch model (≤ 1e-4).
 
 use crate::common::{fashion_dir, lite0_checkpoint};
 
@@ -116,4 +116,85 @@ fn curate_train_eval_and_audit_through_the_cli() {
     let audit: serde_json::Value = serde_json::from_slice(&std::fs::read(w.join("audit/audit.json")).unwrap()).unwrap();
     let recall = audit["heads"][0]["planted"]["recall"].as_f64().unwrap();
     assert!(recall > 0.3, "the audit finds a good part of the planted flips: {audit}");
+
+    // Package: ONNX export with the calibration, signed, with a golden set from the test split.
+    trainer(&["keygen", "key"], w);
+    let out = trainer(
+        &[
+            "package",
+            "--run",
+            "run",
+            "--calibration",
+            "eval/calibration.json",
+            "--dataset",
+            "ds",
+            "--name",
+            "fashion-test",
+            "--version",
+            "0.1.0",
+            "--signing-key",
+            "key.key",
+            "--golden",
+            "4",
+            "-o",
+            "bundle",
+        ],
+        w,
+    );
+    assert!(out.contains("signed"), "{out}");
+    let b = attrd::bundle::Bundle::open(w.join("bundle")).unwrap();
+    let keys = attrd::bundle::TrustedKeys::from_files([w.join("key.pub")]).unwrap();
+    assert!(matches!(b.verify(&keys), Ok(attrd::bundle::SignatureStatus::Verified { .. })));
+    let cal: trainer::torch::report::Calibration =
+        serde_json::from_slice(&std::fs::read(w.join("eval/calibration.json")).unwrap()).unwrap();
+    for (h, c) in b.manifest().heads.iter().zip(&cal.heads) {
+        assert_eq!((h.name.as_str(), h.temperature), (c.name.as_str(), c.temperature as f32));
+        assert_eq!(h.thresholds, c.thresholds);
+    }
+    let ds = trainer::curate::Dataset::load(&w.join("ds")).unwrap();
+    assert_eq!(b.manifest().training_data.fingerprint, ds.fingerprint);
+    // The bundle passes its own golden set in real ONNX Runtime, as attrd checks before activating it.
+    let (engine, report) = attrd::models::load_and_test(&b, &attrd::engine::EngineConfig::cpu()).unwrap();
+    assert_eq!(report.golden_items, 4);
+
+    // Export parity: ORT's logits equal the tch model's on the same preprocessed test images (≤ 1e-4).
+    let (state, _vs, model) = trainer::torch::fit::load_run(&w.join("run"), tch::Device::Cpu).unwrap();
+    let pre = trainer::train::data::preprocessor(state.config.input_spec()).unwrap();
+    let items = trainer::train::items_of(&ds, trainer::curate::Split::Test, Some(8));
+    let (examples, _) = trainer::train::data::load_examples(items, &pre, |_| {});
+    let tch_logits =
+        trainer::torch::fit::predict_logits(&model, &examples, &state.heads, &pre, tch::Device::Cpu, 8, false, false)
+            .unwrap();
+    let idx: Vec<usize> = (0..examples.len()).collect();
+    let batch = trainer::train::data::make_batch(&examples, &idx, &state.heads, &pre, None);
+    let s = pre.spec();
+    let arr = ndarray::Array4::from_shape_vec((batch.n, 3, s.height as usize, s.width as usize), batch.images).unwrap();
+    let ort = engine.infer_blocking(arr).unwrap();
+    for (t, o) in tch_logits.iter().zip(&ort.logits) {
+        let d = t.iter().zip(o.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let scale = t.iter().fold(1f32, |m, v| m.max(v.abs()));
+        // fp32 sums in a different order (MLAS vs libtorch kernels): the difference grows with the logits' size.
+        assert!(d <= 1e-5 * scale.max(10.0), "ORT and tch logits differ by {d} (largest |logit| {scale})");
+    }
+
+    // Ship: atomically into a directory, and over MQTT to a real broker as a retained upload.
+    let out = trainer(&["ship", "bundle", "--to-dir", "fleet"], w);
+    assert!(w.join("fleet/fashion-test-0.1.0").is_dir(), "{out}");
+    assert!(attrd::bundle::Bundle::open(w.join("fleet/fashion-test-0.1.0")).unwrap().verify(&keys).is_ok());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut broker = Command::new("/usr/sbin/mosquitto").args(["-p", &port.to_string()]).spawn().unwrap();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = trainer(&["ship", "bundle", "--mqtt", &format!("127.0.0.1:{port}")], w);
+    assert!(out.contains("attrd/models/fashion-test"), "{out}");
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "attrd/models/fashion-test", "-C", "1", "-W", "10"])
+        .output()
+        .unwrap();
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let ann: attrd::mqtt::transfer::Announcement = serde_json::from_slice(&sub.stdout).unwrap();
+    assert_eq!((ann.name.as_str(), ann.version.as_str()), ("fashion-test", "0.1.0"));
+    assert!(ann.chunks.len() as u64 * u64::from(ann.chunk_size) >= ann.size);
 }
