@@ -35,6 +35,8 @@ enum Command {
     /// Export a trained run to ONNX (fp32, batch norm folded) and package it as a signed bundle with its calibration,
     /// dataset fingerprint, evaluation summary and a golden set (needs the `torch` feature).
     Package(PackageArgs),
+    /// Export a trained run to an fp32 ONNX graph (batch norm folded, dynamic batch), without packaging it.
+    Export(ExportArgs),
     /// Publish a bundle to the fleet over MQTT (retained, chunked; see docs/mqtt.md) and/or into a directory
     /// (atomically, so a watcher never sees half a bundle).
     Ship(ShipArgs),
@@ -89,6 +91,7 @@ fn run(cmd: Command) -> Result<()> {
         Command::Eval(args) => eval(args),
         Command::Audit(args) => audit(args),
         Command::Package(args) => package(args),
+        Command::Export(args) => export(args),
         Command::Ship(args) => ship(args),
         Command::ImportWeights { input, output, arch, padding, bn_eps, keep_classifier } => {
             let opts = ImportOptions { arch, padding, bn_eps, keep_classifier };
@@ -750,10 +753,10 @@ fn package(_: PackageArgs) -> Result<()> {
 fn package(args: PackageArgs) -> Result<()> {
     use trainer::curate::{Dataset, Split};
     use trainer::torch::report::Calibration;
-    use trainer::torch::{export_backbone, export_heads, fit};
 
-    let (state, vs, model) = fit::load_run(&args.run, tch::Device::Cpu)
-        .with_context(|| format!("loading the run in {}", args.run.display()))?;
+    let tmp = tempfile::tempdir()?;
+    let onnx = tmp.path().join("model.onnx");
+    let (state, input_name) = export_run(&args.run, &onnx)?;
     let cal_path = args.calibration.clone().unwrap_or_else(|| args.run.join("eval/calibration.json"));
     let cal: Calibration = serde_json::from_slice(
         &std::fs::read(&cal_path)
@@ -772,20 +775,7 @@ fn package(args: PackageArgs) -> Result<()> {
             ds.fingerprint
         );
     }
-    let backbone = export_backbone(&vs, state.arch, state.padding, state.bn_eps as f32)?;
-    let heads = export_heads(&vs, &model.head_specs())?;
     let input = state.config.input_spec();
-    let opts = ExportOptions {
-        height: input.height,
-        width: input.width,
-        input_name: "image".into(),
-        doc: Some(format!("{} attribute model exported by attrd-trainer", state.arch)),
-        metadata: vec![("padding".into(), state.padding.as_str().into())],
-    };
-    let onnx_model = export_effnet(&backbone, &heads, &opts)?;
-    let tmp = tempfile::tempdir()?;
-    let onnx = tmp.path().join("model.onnx");
-    write_model(&onnx_model, &onnx)?;
 
     let mut manifest_heads = Vec::new();
     for spec in &state.heads {
@@ -842,7 +832,7 @@ fn package(args: PackageArgs) -> Result<()> {
             description: format!("curated dataset of {} items", ds.items.len()),
         },
         input,
-        input_name: opts.input_name.clone(),
+        input_name,
         heads: manifest_heads,
         onnx: bundle::FileRef { file: String::new(), sha256: "0".repeat(64) },
         golden: None,
@@ -938,5 +928,56 @@ fn ship(args: ShipArgs) -> Result<()> {
             report.replaced.map(|r| format!("; replaced {r}")).unwrap_or_default()
         );
     }
+    Ok(())
+}
+
+/// Writes the run's best weights as an fp32 ONNX graph at `onnx`; returns the run and the graph's input name.
+#[cfg(feature = "torch")]
+fn export_run(run: &std::path::Path, onnx: &std::path::Path) -> Result<(trainer::torch::fit::RunState, String)> {
+    use trainer::torch::{export_backbone, export_heads, fit};
+    let (state, vs, model) =
+        fit::load_run(run, tch::Device::Cpu).with_context(|| format!("loading the run in {}", run.display()))?;
+    let backbone = export_backbone(&vs, state.arch, state.padding, state.bn_eps as f32)?;
+    let heads = export_heads(&vs, &model.head_specs())?;
+    let input = state.config.input_spec();
+    let opts = ExportOptions {
+        height: input.height,
+        width: input.width,
+        input_name: "image".into(),
+        doc: Some(format!("{} attribute model exported by attrd-trainer", state.arch)),
+        metadata: vec![("padding".into(), state.padding.as_str().into())],
+    };
+    write_model(&export_effnet(&backbone, &heads, &opts)?, onnx)
+        .with_context(|| format!("writing {}", onnx.display()))?;
+    Ok((state, opts.input_name))
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Training run directory (`trainer train --out`).
+    #[arg(long)]
+    run: PathBuf,
+    /// ONNX file to write.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+#[cfg(not(feature = "torch"))]
+fn export(_: ExportArgs) -> Result<()> {
+    bail!("this trainer was built without libtorch; build it with `--features torch` to export a training run")
+}
+
+#[cfg(feature = "torch")]
+fn export(args: ExportArgs) -> Result<()> {
+    let (state, input) = export_run(&args.run, &args.output)?;
+    let spec = state.config.input_spec();
+    eprintln!(
+        "wrote {} ({}, input {input:?} [N, 3, {}, {}], outputs {})",
+        args.output.display(),
+        state.arch,
+        spec.height,
+        spec.width,
+        state.heads.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
+    );
     Ok(())
 }

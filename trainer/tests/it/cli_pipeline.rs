@@ -177,6 +177,10 @@ fn curate_train_eval_and_audit_through_the_cli() {
         assert!(d <= 1e-5 * scale.max(10.0), "ORT and tch logits differ by {d} (largest |logit| {scale})");
     }
 
+    // A standalone export is the graph the bundle carries.
+    trainer(&["export", "--run", "run", "-o", "model.onnx"], w);
+    assert_eq!(std::fs::read(w.join("model.onnx")).unwrap(), std::fs::read(b.onnx_path()).unwrap());
+
     // Ship: atomically into a directory, and over MQTT to a real broker as a retained upload.
     let out = trainer(&["ship", "bundle", "--to-dir", "fleet"], w);
     assert!(w.join("fleet/fashion-test-0.1.0").is_dir(), "{out}");
