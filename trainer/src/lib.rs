@@ -5,6 +5,7 @@ pub mod effnet;
 pub mod eval;
 pub mod onnx;
 pub mod plot;
+pub mod quantize;
 #[cfg(feature = "torch")]
 pub mod torch;
 pub mod train;

@@ -37,6 +37,10 @@ enum Command {
     Package(PackageArgs),
     /// Export a trained run to an fp32 ONNX graph (batch norm folded, dynamic batch), without packaging it.
     Export(ExportArgs),
+    /// Static INT8 quantization (QDQ) of an exported fp32 graph: calibration on training images, per-layer
+    /// sensitivity analysis keeping the most sensitive layers fp32 until the accuracy target holds, a check that
+    /// ONNX Runtime runs integer kernels, and a per-attribute fp32 vs INT8 report with CPU latencies.
+    Quantize(QuantizeArgs),
     /// Publish a bundle to the fleet over MQTT (retained, chunked; see docs/mqtt.md) and/or into a directory
     /// (atomically, so a watcher never sees half a bundle).
     Ship(ShipArgs),
@@ -92,6 +96,7 @@ fn run(cmd: Command) -> Result<()> {
         Command::Audit(args) => audit(args),
         Command::Package(args) => package(args),
         Command::Export(args) => export(args),
+        Command::Quantize(args) => quantize(args),
         Command::Ship(args) => ship(args),
         Command::ImportWeights { input, output, arch, padding, bn_eps, keep_classifier } => {
             let opts = ImportOptions { arch, padding, bn_eps, keep_classifier };
@@ -250,6 +255,21 @@ fn export_imagenet(args: ImagenetExport) -> Result<()> {
     Ok(())
 }
 
+/// Largest probability difference between two golden sets of the same images.
+#[cfg(feature = "torch")]
+fn max_probability_diff(a: &bundle::GoldenSet, b: &bundle::GoldenSet) -> f32 {
+    a.items
+        .iter()
+        .zip(&b.items)
+        .flat_map(|(x, y)| {
+            x.probabilities.iter().flat_map(move |(head, p)| {
+                let q = y.probabilities.get(head).cloned().unwrap_or_default();
+                p.iter().zip(q).map(|(u, v)| (u - v).abs()).collect::<Vec<f32>>()
+            })
+        })
+        .fold(0f32, f32::max)
+}
+
 /// Reference probabilities for the golden images, computed with the exported graph on ONNX Runtime's CPU provider in
 /// fp32 — the same post-processing the daemon applies, so the self-test compares like with like.
 fn golden_set(
@@ -259,6 +279,7 @@ fn golden_set(
     tolerance: f32,
     scratch: &std::path::Path,
 ) -> Result<(Vec<(PathBuf, String)>, bundle::GoldenSet)> {
+    std::fs::create_dir_all(scratch)?;
     // Write an unsigned scratch bundle so the engine loads exactly what will ship.
     let probe = bundle::write(
         &scratch.join("probe"),
@@ -736,9 +757,14 @@ struct PackageArgs {
     /// Golden images taken from the test split; their fp32 CPU outputs are what every provider must reproduce.
     #[arg(long, default_value_t = 32)]
     golden: usize,
-    /// Largest probability difference the golden set allows.
-    #[arg(long, default_value_t = 5e-3)]
-    golden_tolerance: f32,
+    /// Largest probability difference the golden set allows [default: 0.005 for fp32; for an INT8 model, twice
+    /// the largest difference it shows against the fp32 references on the CPU, rounded up to 0.01, at least 0.02].
+    #[arg(long)]
+    golden_tolerance: Option<f32>,
+    /// Ship this ONNX graph (e.g. `trainer quantize`'s INT8 model) instead of the run's fp32 export; golden
+    /// references still come from the fp32 export, so the bundle states what the quantized model must reproduce.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Bundle directory to create.
     #[arg(short, long)]
     output: PathBuf,
@@ -755,8 +781,16 @@ fn package(args: PackageArgs) -> Result<()> {
     use trainer::torch::report::Calibration;
 
     let tmp = tempfile::tempdir()?;
-    let onnx = tmp.path().join("model.onnx");
-    let (state, input_name) = export_run(&args.run, &onnx)?;
+    let fp32_onnx = tmp.path().join("model.onnx");
+    let (state, input_name) = export_run(&args.run, &fp32_onnx)?;
+    let onnx = args.model.clone().unwrap_or_else(|| fp32_onnx.clone());
+    let precision = if trainer::onnx::quant::is_quantized(
+        &trainer::onnx::read_model(&onnx).with_context(|| format!("reading {}", onnx.display()))?,
+    ) {
+        Precision::Int8
+    } else {
+        Precision::Fp32
+    };
     let cal_path = args.calibration.clone().unwrap_or_else(|| args.run.join("eval/calibration.json"));
     let cal: Calibration = serde_json::from_slice(
         &std::fs::read(&cal_path)
@@ -826,7 +860,7 @@ fn package(args: PackageArgs) -> Result<()> {
             state.epochs_done
         ),
         architecture: state.arch.to_string(),
-        precision: Precision::Fp32,
+        precision,
         training_data: TrainingData {
             fingerprint: ds.fingerprint.clone(),
             description: format!("curated dataset of {} items", ds.items.len()),
@@ -842,7 +876,30 @@ fn package(args: PackageArgs) -> Result<()> {
     let golden = if golden_images.is_empty() {
         None
     } else {
-        Some(golden_set(&manifest, &onnx, &golden_images, args.golden_tolerance, tmp.path())?)
+        let (files, mut set) = golden_set(&manifest, &fp32_onnx, &golden_images, 5e-3, &tmp.path().join("fp32"))?;
+        set.tolerance = match (args.golden_tolerance, precision) {
+            (Some(t), _) => t,
+            (None, Precision::Fp32 | Precision::Fp16) => 5e-3,
+            (None, Precision::Int8) => {
+                let (_, served) = golden_set(&manifest, &onnx, &golden_images, 0.0, &tmp.path().join("served"))?;
+                let worst = max_probability_diff(&set, &served);
+                let t = ((2.0 * worst * 100.0).ceil() / 100.0).max(0.02);
+                eprintln!("INT8 vs fp32 on the golden set: largest probability difference {worst:.4}; tolerance {t}");
+                t
+            }
+        };
+        if onnx != fp32_onnx {
+            let (_, served) = golden_set(&manifest, &onnx, &golden_images, 0.0, &tmp.path().join("check"))?;
+            let worst = max_probability_diff(&set, &served);
+            if worst > set.tolerance {
+                bail!(
+                    "{} differs from the run's fp32 export by up to {worst:.4} on the golden set, over the tolerance {}",
+                    onnx.display(),
+                    set.tolerance
+                );
+            }
+        }
+        Some((files, set))
     };
     let b = bundle::write(&args.output, NewBundle { manifest, onnx: &onnx, golden, signing_key: key.as_ref() })?;
     eprintln!(
@@ -853,6 +910,144 @@ fn package(args: PackageArgs) -> Result<()> {
         if key.is_some() { ", signed" } else { ", UNSIGNED: attrd will refuse it" },
         args.output.display()
     );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct QuantizeArgs {
+    /// The fp32 ONNX graph (`trainer export`).
+    #[arg(long)]
+    model: PathBuf,
+    /// The training run it was exported from (its input size and heads).
+    #[arg(long)]
+    run: PathBuf,
+    /// The curated dataset: calibration images from its training split, layer selection on validation, the report on
+    /// test.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Where the dataset's images are, if not where curation found them.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Calibration method: minmax, percentile (99.999), percentile:<p>, or entropy.
+    #[arg(long, default_value = "percentile")]
+    method: trainer::onnx::quant::CalibrationMethod,
+    /// Activation storage: u8 (zero point 128; ONNX Runtime's CPU provider fuses every layer) or s8 (zero point 0;
+    /// what TensorRT requires). Both compute the same numbers.
+    #[arg(long, default_value = "u8")]
+    activations: trainer::onnx::quant::ActivationType,
+    /// Training images to calibrate activation ranges on.
+    #[arg(long, default_value_t = 512)]
+    calibration_items: usize,
+    /// Largest acceptable loss of mean macro-F1 against fp32, in percentage points.
+    #[arg(long, default_value_t = 0.5)]
+    max_f1_loss: f64,
+    /// Validation images for choosing fp32 layers (0 = the whole split).
+    #[arg(long, default_value_t = 2000)]
+    select_items: usize,
+    /// Validation images for the per-layer sensitivity measurement.
+    #[arg(long, default_value_t = 256)]
+    sensitivity_items: usize,
+    /// Test images for the report (0 = the whole split).
+    #[arg(long, default_value_t = 0)]
+    test_items: usize,
+    /// Keep this node in fp32 regardless (repeatable; names as in the exported graph, e.g. `stem.conv`).
+    #[arg(long)]
+    keep_fp32: Vec<String>,
+    /// Quantize every quantizable layer without the sensitivity analysis.
+    #[arg(long)]
+    no_sensitivity: bool,
+    /// ONNX Runtime intra-op threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// The INT8 ONNX graph to write; the report goes beside it as `<stem>.quantize.json` and `.md`.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+/// The parts of a run's `run.json` that quantization needs (readable without libtorch).
+#[derive(serde::Deserialize)]
+struct RunInfo {
+    config: trainer::train::TrainConfig,
+    heads: Vec<trainer::train::data::HeadSpec>,
+    dataset_fingerprint: Option<String>,
+}
+
+fn quantize(args: QuantizeArgs) -> Result<()> {
+    use trainer::quantize::{Progress, QuantizeConfig};
+    let run_file = args.run.join("run.json");
+    let run: RunInfo =
+        serde_json::from_slice(&std::fs::read(&run_file).with_context(|| format!("reading {}", run_file.display()))?)
+            .with_context(|| format!("{} is not a training run record", run_file.display()))?;
+    let mut ds =
+        trainer::curate::Dataset::load(&args.dataset).with_context(|| format!("loading {}", args.dataset.display()))?;
+    if let Some(root) = &args.images {
+        ds = ds.with_image_root(root.clone());
+    }
+    if run.dataset_fingerprint.as_deref().is_some_and(|f| f != ds.fingerprint) {
+        bail!(
+            "the run was trained on dataset {} but {} is {}",
+            run.dataset_fingerprint.as_deref().unwrap_or_default(),
+            args.dataset.display(),
+            ds.fingerprint
+        );
+    }
+    let model = trainer::onnx::read_model(&args.model)?;
+    if trainer::onnx::quant::is_quantized(&model) {
+        bail!("{} is already quantized; give the fp32 graph from `trainer export`", args.model.display());
+    }
+    let input_name = model
+        .graph
+        .as_ref()
+        .and_then(|g| g.input.first())
+        .map(|i| i.name.clone())
+        .with_context(|| format!("{} has no graph input", args.model.display()))?;
+    let cfg = QuantizeConfig {
+        method: args.method,
+        activations: args.activations,
+        calibration_items: args.calibration_items,
+        max_f1_loss_points: args.max_f1_loss,
+        select_items: (args.select_items > 0).then_some(args.select_items),
+        sensitivity_items: args.sensitivity_items,
+        test_items: (args.test_items > 0).then_some(args.test_items),
+        keep_fp32: args.keep_fp32.clone(),
+        no_sensitivity: args.no_sensitivity,
+        threads: args.threads,
+        ..QuantizeConfig::default()
+    };
+    struct Bar(indicatif::ProgressBar);
+    impl Progress for Bar {
+        fn step(&self, msg: &str) {
+            self.0.set_position(0);
+            self.0.set_length(0);
+            self.0.println(msg);
+        }
+        fn tick(&self, done: usize, total: usize) {
+            self.0.set_length(total as u64);
+            self.0.set_position(done as u64);
+        }
+    }
+    let bar = Bar(indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed}").expect("static template is valid"),
+    ));
+    let (int8, report) =
+        trainer::quantize::quantize(&model, &run.config.input_spec(), &input_name, &run.heads, &ds, &cfg, &bar)?;
+    bar.0.finish_and_clear();
+    write_model(&int8, &args.output).with_context(|| format!("writing {}", args.output.display()))?;
+    let json = args.output.with_extension("quantize.json");
+    let md = args.output.with_extension("quantize.md");
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let table = report.markdown();
+    std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
+    println!("{table}");
+    eprintln!("wrote {} (report {} and {})", args.output.display(), json.display(), md.display());
+    let test_loss = 100.0 * (report.test_fp32_mean_macro_f1 - report.test_int8_mean_macro_f1);
+    if test_loss > args.max_f1_loss {
+        eprintln!(
+            "warning: the test-set loss is {test_loss:.2} points, over the {} target that held on validation",
+            args.max_f1_loss
+        );
+    }
     Ok(())
 }
 

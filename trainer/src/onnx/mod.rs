@@ -22,6 +22,7 @@ mod export;
 mod fold;
 mod graph;
 pub mod proto;
+pub mod quant;
 
 pub use export::conv_padding;
 pub use fold::{BatchNorm, fold_bn};

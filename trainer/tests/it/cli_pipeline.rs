@@ -181,6 +181,74 @@ fn curate_train_eval_and_audit_through_the_cli() {
     trainer(&["export", "--run", "run", "-o", "model.onnx"], w);
     assert_eq!(std::fs::read(w.join("model.onnx")).unwrap(), std::fs::read(b.onnx_path()).unwrap());
 
+    // Quantize: calibration, sensitivity, selection, the report; then an INT8 bundle whose golden set holds the fp32
+    // references, which the INT8 model meets within the tolerance package derives.
+    let out = trainer(
+        &[
+            "quantize",
+            "--model",
+            "model.onnx",
+            "--run",
+            "run",
+            "--dataset",
+            "ds",
+            "--calibration-items",
+            "32",
+            "--sensitivity-items",
+            "16",
+            "--select-items",
+            "0",
+            "--max-f1-loss",
+            "1.0",
+            "--threads",
+            "2",
+            "-o",
+            "model.int8.onnx",
+        ],
+        w,
+    );
+    assert!(out.contains("model.int8.quantize.md"), "{out}");
+    let md = std::fs::read_to_string(w.join("model.int8.quantize.md")).unwrap();
+    assert!(md.contains("INT8 macro-F1") && md.contains("integer kernels") && md.contains("| gender |"), "{md}");
+    let q: trainer::quantize::QuantReport =
+        serde_json::from_slice(&std::fs::read(w.join("model.int8.quantize.json")).unwrap()).unwrap();
+    assert!(q.integer_kernels > 20, "ORT runs integer kernels: {:?}", q.optimized_ops);
+    assert_eq!(q.sensitivity.len(), q.qdq.nodes.values().sum::<usize>() + q.kept_fp32.len());
+    assert!(q.selection.last().unwrap().loss_points <= 1.0 || q.kept_fp32.len() == q.sensitivity.len());
+    assert_eq!(q.test.len(), state.heads.len());
+    assert!(q.int8_bytes * 2 < q.fp32_bytes, "{} vs {} bytes", q.int8_bytes, q.fp32_bytes);
+    let out = trainer(
+        &[
+            "package",
+            "--run",
+            "run",
+            "--calibration",
+            "eval/calibration.json",
+            "--dataset",
+            "ds",
+            "--model",
+            "model.int8.onnx",
+            "--name",
+            "fashion-test-int8",
+            "--version",
+            "0.1.0",
+            "--signing-key",
+            "key.key",
+            "--golden",
+            "4",
+            "-o",
+            "bundle-int8",
+        ],
+        w,
+    );
+    assert!(out.contains("INT8 vs fp32 on the golden set"), "{out}");
+    let b8 = attrd::bundle::Bundle::open(w.join("bundle-int8")).unwrap();
+    assert_eq!(b8.manifest().precision, attrd::bundle::Precision::Int8);
+    assert!(b8.verify(&keys).is_ok());
+    assert_eq!(b8.golden().unwrap().unwrap().items, b.golden().unwrap().unwrap().items, "fp32 references");
+    let (_, r8) = attrd::models::load_and_test(&b8, &attrd::engine::EngineConfig::cpu()).unwrap();
+    assert!(r8.max_abs_diff > 0.0 && r8.max_abs_diff <= r8.tolerance.unwrap(), "{r8:?}");
+
     // Ship: atomically into a directory, and over MQTT to a real broker as a retained upload.
     let out = trainer(&["ship", "bundle", "--to-dir", "fleet"], w);
     assert!(w.join("fleet/fashion-test-0.1.0").is_dir(), "{out}");

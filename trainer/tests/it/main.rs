@@ -11,6 +11,7 @@ mod onnx;
 mod ort_rt;
 #[cfg(feature = "torch")]
 mod parity;
+mod quant;
 #[cfg(feature = "torch")]
 mod torch_model;
 #[cfg(feature = "torch")]

@@ -1,0 +1,194 @@
+//! INT8 QDQ quantization on real weights and real photos, through the real ONNX Runtime: the graph loads, ORT's
+//! optimizer turns it into integer kernels, and predictions stay close to fp32, while a deliberately wrong
+//! calibration visibly does not (so the closeness checks can fail).
+
+use crate::common::{fashion_dir, lite0_checkpoint, manifest_dir};
+use crate::ort_rt::{env, run, session};
+use ndarray::{Array2, Array4, Axis, s};
+use ort::session::Session;
+use prost::Message;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use trainer::onnx::proto::ModelProto;
+use trainer::onnx::quant::{self, ActivationType, CalibrationMethod, Calibrator, QuantError};
+use trainer::onnx::{self, ExportOptions};
+use trainer::weights::{self, ImportOptions};
+
+/// `n` real catalogue photos, letterboxed to 128×96 with the trainer's default normalisation.
+fn photos(n: usize) -> Array4<f32> {
+    let cfg: trainer::train::TrainConfig =
+        toml::from_str("[input]\nwidth = 96\nheight = 128\nresize = \"letterbox\"\n").expect("config");
+    let pre = trainer::train::data::preprocessor(cfg.input_spec()).expect("preprocessor");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(fashion_dir().join("images"))
+        .expect("images dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .collect();
+    files.sort();
+    let tensors: Vec<Vec<f32>> =
+        files.iter().step_by(97).take(n).map(|p| pre.prepare_path(p).expect("real photo decodes")).collect();
+    assert_eq!(tensors.len(), n);
+    pre.batch(&tensors)
+}
+
+fn lite0_imagenet() -> ModelProto {
+    let opts = ImportOptions { keep_classifier: true, ..Default::default() };
+    let (backbone, _) = weights::import(&lite0_checkpoint(), &opts).expect("import real Lite0 weights");
+    let head = onnx::classifier_head(&backbone, "imagenet").expect("classifier");
+    onnx::export_effnet(&backbone, &[head], &ExportOptions::new(128, 96)).expect("export")
+}
+
+fn b0_real() -> ModelProto {
+    let path = manifest_dir().join("../.deps/nude-classifier/best_efficientnet_b0.pth");
+    assert!(path.is_file(), "{} missing: run ./scripts/setup first", path.display());
+    let opts = ImportOptions { keep_classifier: true, ..Default::default() };
+    let (backbone, _) = weights::import(&path, &opts).expect("import real B0 weights");
+    let head = onnx::classifier_head(&backbone, "cls").expect("classifier");
+    onnx::export_effnet(&backbone, &[head], &ExportOptions::new(128, 96)).expect("export")
+}
+
+/// Activation thresholds from running `model` on `images` with every activation exposed (both passes).
+fn calibrate(model: &ModelProto, images: &Array4<f32>, method: CalibrationMethod) -> BTreeMap<String, f32> {
+    let acts = quant::activation_tensors(model).expect("activations");
+    let mut s = session(&quant::with_outputs(model, &acts).expect("probe model"));
+    let mut cal = Calibrator::default();
+    for pass in 0..2 {
+        for chunk in images.axis_chunks_iter(Axis(0), 8) {
+            let out = s
+                .run(ort::inputs!["image" => ort::value::TensorRef::from_array_view(chunk).expect("tensor")])
+                .expect("calibration run");
+            for name in &acts {
+                let (_, data) = out[name.as_str()].try_extract_tensor::<f32>().expect("f32 activation");
+                if pass == 0 {
+                    cal.observe_range(name, data);
+                } else {
+                    cal.observe_histogram(name, data);
+                }
+            }
+        }
+    }
+    cal.thresholds(method)
+}
+
+fn all_nodes(model: &ModelProto) -> BTreeSet<String> {
+    quant::quantizable_nodes(model).expect("nodes").into_iter().collect()
+}
+
+fn logits(model: &ModelProto, images: &Array4<f32>) -> Array2<f32> {
+    run(&mut session(model), "image", images).remove(0).1
+}
+
+fn top1_agreement(a: &Array2<f32>, b: &Array2<f32>) -> f64 {
+    let argmax = |r: ndarray::ArrayView1<'_, f32>| r.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map(|x| x.0);
+    let same = a.axis_iter(Axis(0)).zip(b.axis_iter(Axis(0))).filter(|(x, y)| argmax(*x) == argmax(*y)).count();
+    same as f64 / a.nrows() as f64
+}
+
+/// The operator counts of ONNX Runtime's optimized (Level 3) version of `model`.
+fn optimized_ops(model: &ModelProto) -> BTreeMap<String, usize> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("opt.onnx");
+    Session::builder(env())
+        .expect("builder")
+        .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Level3)
+        .expect("level")
+        .with_optimized_model_path(&path)
+        .expect("optimized path")
+        .commit_from_memory(&onnx::encode_model(model).expect("encode"))
+        .expect("ORT accepts the QDQ model");
+    if let Some(d) = std::env::var_os("QUANT_DEBUG_DIR") {
+        let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        std::fs::copy(&path, PathBuf::from(&d).join(format!("opt-{n}.onnx"))).unwrap();
+        std::fs::write(PathBuf::from(&d).join(format!("in-{n}.onnx")), onnx::encode_model(model).unwrap()).unwrap();
+    }
+    let optimized = ModelProto::decode(std::fs::read(&path).expect("optimized model").as_slice()).expect("decode");
+    quant::op_counts(&optimized)
+}
+
+#[test]
+fn lite0_int8_runs_integer_kernels_and_keeps_its_predictions() {
+    let model = lite0_imagenet();
+    let images = photos(48);
+    let (calib, held_out) =
+        (images.slice(s![..24, .., .., ..]).to_owned(), images.slice(s![24.., .., .., ..]).to_owned());
+    let thresholds = calibrate(&model, &calib, CalibrationMethod::Percentile(99.999));
+    let nodes = all_nodes(&model);
+    let (int8, summary) = quant::quantize_qdq(&model, &nodes, &thresholds, ActivationType::U8).expect("quantize");
+    assert!(quant::is_quantized(&int8) && !quant::is_quantized(&model));
+    let convs = model.graph.as_ref().unwrap().node.iter().filter(|n| n.op_type == "Conv").count();
+    assert_eq!(summary.nodes["Conv"], convs);
+    assert_eq!(summary.weights, convs + 1, "every conv and the head");
+
+    // ORT fuses the QDQ groups into integer kernels, one per convolution at least.
+    let ops = optimized_ops(&int8);
+    assert!(quant::integer_kernel_count(&ops) >= convs, "integer kernels in {ops:?}");
+    assert!(!ops.contains_key("Conv"), "every Conv should have become an integer kernel: {ops:?}");
+
+    assert!(ops.get("com.microsoft:QLinearAdd").is_some_and(|&n| n > 0), "residual adds in INT8: {ops:?}");
+
+    // s8 activations (TensorRT's form) hold the same grid: same predictions, fewer fused kernels on ORT's CPU.
+    let (s8, _) = quant::quantize_qdq(&model, &nodes, &thresholds, ActivationType::S8).expect("quantize s8");
+    let s8_ops = optimized_ops(&s8);
+    assert!(quant::integer_kernel_count(&s8_ops) > convs / 2, "s8 integer kernels in {s8_ops:?}");
+    let (u8_logits, s8_logits) = (logits(&int8, &images), logits(&s8, &images));
+    let same = top1_agreement(&u8_logits, &s8_logits);
+    assert!(same >= 0.95, "u8 and s8 activations agree on {same:.2} of the photos");
+
+    // Stored weights shrink to about a quarter.
+    let (b32, b8) = (onnx::encode_model(&model).unwrap().len(), onnx::encode_model(&int8).unwrap().len());
+    assert!(b8 * 3 < b32, "{b8} bytes INT8 vs {b32} fp32");
+
+    // Predictions on photos the calibration never saw: ImageNet's 1000 classes on catalogue photos are a hard,
+    // low-margin case, which is what makes the agreement meaningful.
+    let (f, q) = (logits(&model, &held_out), logits(&int8, &held_out));
+    assert!(q.iter().all(|v| v.is_finite()));
+    let good = top1_agreement(&f, &q);
+    assert!(good >= 0.7, "INT8 top-1 agrees with fp32 on {:.0}% of held-out photos", 100.0 * good);
+
+    // The same graph with ranges 100× too small saturates everything: the checks above must be able to fail.
+    let broken: BTreeMap<String, f32> = thresholds.iter().map(|(k, v)| (k.clone(), v / 100.0)).collect();
+    let (bad, _) = quant::quantize_qdq(&model, &nodes, &broken, ActivationType::U8).expect("quantize");
+    let bad_agreement = top1_agreement(&f, &logits(&bad, &held_out));
+    assert!(bad_agreement < good - 0.3, "broken calibration agrees {bad_agreement:.2} vs {good:.2}");
+}
+
+/// B0's graph (SiLU, squeeze-excite) quantizes completely and ORT runs it on integer kernels. How far its outputs
+/// move is B0's known weak spot and what `trainer quantize`'s sensitivity analysis handles; here only the mechanics
+/// are checked.
+#[test]
+fn b0_squeeze_excite_graph_quantizes_onto_integer_kernels() {
+    let model = b0_real();
+    let images = photos(16);
+    let thresholds = calibrate(&model, &images, CalibrationMethod::Percentile(99.999));
+    let all = all_nodes(&model);
+    let (int8, summary) = quant::quantize_qdq(&model, &all, &thresholds, ActivationType::U8).expect("quantize");
+    assert!(summary.nodes["GlobalAveragePool"] > 16, "SE pools are quantized too: {:?}", summary.nodes);
+    let convs = model.graph.as_ref().unwrap().node.iter().filter(|n| n.op_type == "Conv").count();
+    let ops = optimized_ops(&int8);
+    assert!(quant::integer_kernel_count(&ops) > convs, "integer kernels in {ops:?}");
+    assert!(logits(&int8, &images).iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn kept_layers_stay_fp32_and_bad_requests_are_refused() {
+    let model = lite0_imagenet();
+    let images = photos(8);
+    let thresholds = calibrate(&model, &images, CalibrationMethod::MinMax);
+    let mut nodes = all_nodes(&model);
+    assert!(nodes.remove("stem.conv") && nodes.remove("heads.imagenet"));
+    let (int8, summary) = quant::quantize_qdq(&model, &nodes, &thresholds, ActivationType::U8).expect("quantize");
+    let inits: BTreeSet<&str> = int8.graph.as_ref().unwrap().initializer.iter().map(|t| t.name.as_str()).collect();
+    assert!(inits.contains("stem.conv.weight") && !inits.contains("stem.conv.weight_quantized"));
+    assert!(inits.contains("heads.imagenet.weight") && inits.contains("blocks.0.dw.conv.weight_quantized"));
+    assert!(!summary.nodes.contains_key("Gemm"));
+    assert!(logits(&int8, &images).iter().all(|v| v.is_finite()));
+
+    let one: BTreeSet<String> = ["no.such.node".to_string()].into();
+    assert!(
+        matches!(quant::quantize_qdq(&model, &one, &thresholds, ActivationType::U8), Err(QuantError::UnknownNode(n)) if n == "no.such.node")
+    );
+    let mut partial = thresholds.clone();
+    partial.remove("blocks.2.add.out");
+    let err = quant::quantize_qdq(&model, &all_nodes(&model), &partial, ActivationType::U8).unwrap_err();
+    assert!(matches!(&err, QuantError::MissingRange(t) if t == "blocks.2.add.out"), "{err}");
+}
