@@ -103,6 +103,7 @@ pub struct HeadComparison {
     pub items: usize,
     pub fp32_macro_f1: f64,
     pub int8_macro_f1: f64,
+    /// Accuracy of a single-label head; micro-F1 of a multi-label head.
     pub fp32_accuracy: f64,
     pub int8_accuracy: f64,
     /// Items whose top-1 differs between the two models (single-label heads).

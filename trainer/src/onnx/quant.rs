@@ -176,15 +176,14 @@ impl Calibrator {
     /// without a second pass).
     pub fn threshold(&self, name: &str, method: CalibrationMethod) -> Option<f32> {
         let max = *self.absmax.get(name)?;
-        if method == CalibrationMethod::MinMax || max <= 0.0 {
+        if max <= 0.0 {
             return Some(max);
         }
-        let h = self.hist.get(name)?;
         let width = max / HIST_BINS as f32;
         match method {
             CalibrationMethod::MinMax => Some(max),
-            CalibrationMethod::Percentile(p) => Some(percentile_threshold(h, p) * width),
-            CalibrationMethod::Entropy => Some(entropy_threshold(h) * width),
+            CalibrationMethod::Percentile(p) => Some(percentile_threshold(self.hist.get(name)?, p) * width),
+            CalibrationMethod::Entropy => Some(entropy_threshold(self.hist.get(name)?) * width),
         }
     }
 
