@@ -13,8 +13,8 @@ use trainer::weights::{self, Backbone, ImportOptions};
 #[derive(Parser)]
 #[command(name = "trainer", version, about = "Curate, train, export and package attrd model bundles")]
 struct Cli {
-    /// Log filter (tracing `EnvFilter` syntax).
-    #[arg(long, global = true, env = "TRAINER_LOG", default_value = "info")]
+    /// Log filter (tracing `EnvFilter` syntax). ONNX Runtime logs every allocation at info, hence `ort=warn`.
+    #[arg(long, global = true, env = "TRAINER_LOG", default_value = "info,ort=warn")]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -76,8 +76,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
+        eprintln!("trainer: log filter {:?} is invalid ({e}); using \"info,ort=warn\"", cli.log);
+        tracing_subscriber::EnvFilter::new("info,ort=warn")
+    });
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -268,6 +270,39 @@ fn max_probability_diff(a: &bundle::GoldenSet, b: &bundle::GoldenSet) -> f32 {
             })
         })
         .fold(0f32, f32::max)
+}
+
+/// Indices (ascending) of the `n` items whose predictions are furthest from a decision boundary: mean over heads of
+/// the top-1 minus top-2 probability (single-label) or of the smallest `|2p - 1|` (multi-label).
+#[cfg(feature = "torch")]
+fn most_decisive(manifest: &Manifest, set: &bundle::GoldenSet, n: usize) -> Vec<usize> {
+    let margin = |item: &bundle::GoldenItem| -> f32 {
+        let per_head: Vec<f32> = manifest
+            .heads
+            .iter()
+            .filter_map(|h| item.probabilities.get(&h.name).map(|p| (h, p)))
+            .map(|(h, p)| match h.kind {
+                HeadKind::Single => {
+                    let (mut a, mut b) = (0f32, 0f32);
+                    for &v in p {
+                        if v > a {
+                            (a, b) = (v, a);
+                        } else if v > b {
+                            b = v;
+                        }
+                    }
+                    a - b
+                }
+                HeadKind::Multi => p.iter().map(|v| (2.0 * v - 1.0).abs()).fold(1f32, f32::min),
+            })
+            .collect();
+        per_head.iter().sum::<f32>() / per_head.len().max(1) as f32
+    };
+    let mut order: Vec<(usize, f32)> = set.items.iter().map(margin).enumerate().collect();
+    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut chosen: Vec<usize> = order.into_iter().take(n).map(|(i, _)| i).collect();
+    chosen.sort_unstable();
+    chosen
 }
 
 /// Reference probabilities for the golden images, computed with the exported graph on ONNX Runtime's CPU provider in
@@ -872,7 +907,18 @@ fn package(args: PackageArgs) -> Result<()> {
         golden: None,
         evaluation,
     };
-    let golden_images: Vec<PathBuf> = ds.items(Split::Test).take(args.golden).map(|it| ds.image_path(it)).collect();
+    // Golden images are a self-test of the deployment (model file, provider, numerics), not an accuracy sample: the
+    // most decisive of a pool of test items, so that legitimate INT8 / provider noise stays well below the tolerance
+    // while a broken model or provider still shows. Near a decision boundary one flipped item would force a
+    // tolerance so loose that it catches nothing.
+    let pool: Vec<PathBuf> =
+        ds.items(Split::Test).take(args.golden.saturating_mul(8).max(256)).map(|it| ds.image_path(it)).collect();
+    let golden_images = if pool.len() <= args.golden {
+        pool
+    } else {
+        let (_, scored) = golden_set(&manifest, &fp32_onnx, &pool, 0.0, &tmp.path().join("pool"))?;
+        most_decisive(&manifest, &scored, args.golden).into_iter().map(|i| pool[i].clone()).collect()
+    };
     let golden = if golden_images.is_empty() {
         None
     } else {

@@ -286,15 +286,53 @@ pub fn fit(input: FitInput<'_>) -> Result<FitSummary, FitError> {
         heads = names.len(), amp, "training");
 
     let mut stopped_early = false;
+    // (train, val) features of the frozen backbone, computed on the first frozen epoch that needs them.
+    let mut cache: Option<(Tensor, Tensor)> = None;
     for epoch in state.epochs_done..cfg.epochs {
         let started = Instant::now();
         let frozen = epoch < cfg.freeze_backbone_epochs;
+        if frozen && cfg.cache_frozen_features && cache.is_none() {
+            let t0 = Instant::now();
+            let cl = cuda && cfg.channels_last;
+            let train_f = cached_features(
+                &model,
+                input.train,
+                input.heads,
+                &pre,
+                device,
+                cfg.batch_size,
+                cl,
+                amp,
+                input.progress,
+                "caching train features",
+            )?;
+            let val_f = cached_features(
+                &model,
+                input.val,
+                input.heads,
+                &pre,
+                device,
+                cfg.batch_size,
+                cl,
+                amp,
+                input.progress,
+                "caching val features",
+            )?;
+            tracing::info!(
+                items = input.train.len() + input.val.len(),
+                seconds = t0.elapsed().as_secs(),
+                "backbone features cached; the frozen epochs train the heads on them"
+            );
+            cache = Some((train_f, val_f));
+        }
+        let cached = if frozen { cache.as_ref() } else { None };
         let order = sampler.epoch(epoch as u64);
         let batches: Vec<Vec<usize>> = order.chunks(cfg.batch_size).map(<[usize]>::to_vec).collect();
         let bar = progress_bar(input.progress, batches.len() as u64, &format!("epoch {}/{}", epoch + 1, cfg.epochs));
         let (tx, rx) = mpsc::sync_channel::<Batch>(2);
         let (train, heads, pre_ref, aug_ref) = (input.train, input.heads, &pre, &aug);
         let seed = cfg.seed;
+        let use_cache = cached.is_some();
         let mut sums = vec![0f64; names.len()];
         let mut counts = vec![0usize; names.len()];
         let (mut total_loss, mut total_n, mut skipped, mut bad_in_a_row) = (0f64, 0usize, 0usize, 0usize);
@@ -304,7 +342,17 @@ pub fn fit(input: FitInput<'_>) -> Result<FitSummary, FitError> {
             scope.spawn(move || {
                 for (b, idx) in batches.iter().enumerate() {
                     let bseed = seed ^ ((epoch as u64) << 32) ^ b as u64;
-                    if tx.send(data::make_batch(train, idx, heads, pre_ref, Some((aug_ref, bseed)))).is_err() {
+                    let batch = if use_cache {
+                        Batch {
+                            n: idx.len(),
+                            images: Vec::new(),
+                            targets: data::batch_targets(train, idx, heads),
+                            indices: idx.clone(),
+                        }
+                    } else {
+                        data::make_batch(train, idx, heads, pre_ref, Some((aug_ref, bseed)))
+                    };
+                    if tx.send(batch).is_err() {
                         return;
                     }
                 }
@@ -315,8 +363,13 @@ pub fn fit(input: FitInput<'_>) -> Result<FitSummary, FitError> {
                 opt.set_lr_group(GROUP_BACKBONE_NO_DECAY, lr);
                 opt.set_lr_group(GROUP_HEAD_DECAY, lr * cfg.head_lr_mult);
                 opt.set_lr_group(GROUP_HEAD_NO_DECAY, lr * cfg.head_lr_mult);
-                let xs = images_tensor(&batch, &pre, device, cuda && cfg.channels_last);
                 let logits = tch::autocast(amp, || -> Result<Vec<Tensor>, FitError> {
+                    if let Some((train_f, _)) = cached {
+                        let idx: Vec<i64> = batch.indices.iter().map(|&i| i as i64).collect();
+                        let rows = Tensor::from_slice(&idx).to_device(device);
+                        return Ok(model.f_heads_from_features_t(&train_f.f_index_select(0, &rows)?, true)?);
+                    }
+                    let xs = images_tensor(&batch, &pre, device, cuda && cfg.channels_last);
                     if frozen {
                         let feats = tch::no_grad(|| model.f_features_t(&xs, false))?;
                         Ok(model.f_heads_from_features_t(&feats, true)?)
@@ -367,8 +420,15 @@ pub fn fit(input: FitInput<'_>) -> Result<FitSummary, FitError> {
 
         // Validation with the averaged weights when EMA is on.
         let swapped = ema.as_mut().map(|e| e.swap_in(&vs));
-        let probs =
-            predict(&model, input.val, input.heads, &pre, device, cfg.batch_size, cuda && cfg.channels_last, amp)?;
+        let probs = match cached {
+            Some((_, val_f)) => {
+                let logits = tch::no_grad(|| model.f_heads_from_features_t(val_f, false))?;
+                probabilities(input.heads, &logits_arrays(input.heads, input.val.len(), &logits)?)
+            }
+            None => {
+                predict(&model, input.val, input.heads, &pre, device, cfg.batch_size, cuda && cfg.channels_last, amp)?
+            }
+        };
         let (f1s, accs) = head_scores(input.heads, input.val, &probs)?;
         let mean_f1 = f1s.iter().sum::<f64>() / f1s.len().max(1) as f64;
         let improved = mean_f1 > state.best_val_f1;
@@ -705,6 +765,47 @@ pub fn predict_logits(
         .zip(out)
         .map(|(spec, v)| {
             Array2::from_shape_vec((examples.len(), spec.classes.len()), v)
+                .map_err(|e| FitError::Tch(tch::TchError::Shape(e.to_string())))
+        })
+        .collect()
+}
+
+/// Pooled backbone features (`[N, C]`, on `device`) of `examples` without augmentation, in inference mode.
+#[allow(clippy::too_many_arguments)]
+fn cached_features(
+    model: &EffNet,
+    examples: &[Example],
+    heads: &[HeadSpec],
+    pre: &Preprocessor,
+    device: Device,
+    batch_size: usize,
+    channels_last: bool,
+    amp: bool,
+    progress: bool,
+    what: &str,
+) -> Result<Tensor, FitError> {
+    let idx: Vec<usize> = (0..examples.len()).collect();
+    let bar = progress_bar(progress, idx.len().div_ceil(batch_size.max(1)) as u64, what);
+    let mut parts = Vec::new();
+    for chunk in idx.chunks(batch_size.max(1)) {
+        let batch = data::make_batch(examples, chunk, heads, pre, None);
+        let xs = images_tensor(&batch, pre, device, channels_last);
+        let f = tch::no_grad(|| tch::autocast(amp, || model.f_features_t(&xs, false)))?;
+        parts.push(f.to_kind(Kind::Float));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(Tensor::f_cat(&parts, 0)?)
+}
+
+/// Copies per-head `[n, classes]` logit tensors to host arrays.
+fn logits_arrays(heads: &[HeadSpec], n: usize, logits: &[Tensor]) -> Result<Vec<Array2<f32>>, FitError> {
+    heads
+        .iter()
+        .zip(logits)
+        .map(|(spec, l)| {
+            let l = l.to_kind(Kind::Float).to_device(Device::Cpu).contiguous().view([-1]);
+            Array2::from_shape_vec((n, spec.classes.len()), Vec::<f32>::try_from(&l)?)
                 .map_err(|e| FitError::Tch(tch::TchError::Shape(e.to_string())))
         })
         .collect()

@@ -223,7 +223,17 @@ pub fn make_batch(
             }
         })
         .collect();
-    let targets = heads
+    Batch {
+        n: indices.len(),
+        images: images.concat(),
+        targets: batch_targets(examples, indices, heads),
+        indices: indices.to_vec(),
+    }
+}
+
+/// The loss targets of `indices`, per head (what [`make_batch`] puts next to the images).
+pub fn batch_targets(examples: &[Example], indices: &[usize], heads: &[HeadSpec]) -> Vec<HeadTargets> {
+    heads
         .iter()
         .enumerate()
         .map(|(h, spec)| {
@@ -246,8 +256,7 @@ pub fn make_batch(
                 )
             }
         })
-        .collect();
-    Batch { n: indices.len(), images: images.concat(), targets, indices: indices.to_vec() }
+        .collect()
 }
 
 #[cfg(test)]

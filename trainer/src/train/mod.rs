@@ -76,6 +76,10 @@ pub struct TrainConfig {
     pub drop_path: f64,
     /// Train only the heads for this many epochs first (the backbone is frozen, batch norms included).
     pub freeze_backbone_epochs: usize,
+    /// During the frozen epochs, run the backbone once per image (without augmentation) and train the heads on
+    /// those cached features: one backbone pass in all instead of one per epoch, which makes head-only training
+    /// practical on a CPU. Needs `freeze_backbone_epochs > 0`.
+    pub cache_frozen_features: bool,
     /// Exponential moving average of the weights with this decay (e.g. 0.999); evaluation and the saved model use
     /// the average. Unset: off.
     pub ema_decay: Option<f64>,
@@ -127,6 +131,7 @@ impl Default for TrainConfig {
             dropout: 0.2,
             drop_path: 0.1,
             freeze_backbone_epochs: 0,
+            cache_frozen_features: false,
             ema_decay: None,
             repeat_factor_threshold: 0.01,
             class_weighted_loss: false,
@@ -222,6 +227,12 @@ impl TrainConfig {
             && !(0.0..1.0).contains(&d)
         {
             return bad(format!("ema_decay {d} must be in [0, 1)"));
+        }
+        if self.cache_frozen_features && self.freeze_backbone_epochs == 0 {
+            return bad(
+                "cache_frozen_features needs freeze_backbone_epochs > 0 (it caches the frozen backbone's features)"
+                    .into(),
+            );
         }
         let [lo, hi] = self.augment.crop_scale;
         if !(0.0 < lo && lo <= hi && hi <= 1.0) {

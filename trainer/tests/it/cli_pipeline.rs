@@ -2,7 +2,7 @@
 //! (2 epochs, 64×64, from the ImageNet Lite0 weights) → eval → audit with planted flips → package → ship. The loss
 //! must fall, each step must leave its artefacts, and the packaged ONNX must match the tch model (≤ 1e-4).
 
-use crate::common::{fashion_dir, lite0_checkpoint};
+use crate::common::{AttrdNode, fashion_dir, free_port, lite0_checkpoint};
 
 use std::path::Path;
 use std::process::Command;
@@ -253,7 +253,7 @@ fn curate_train_eval_and_audit_through_the_cli() {
     let out = trainer(&["ship", "bundle", "--to-dir", "fleet"], w);
     assert!(w.join("fleet/fashion-test-0.1.0").is_dir(), "{out}");
     assert!(attrd::bundle::Bundle::open(w.join("fleet/fashion-test-0.1.0")).unwrap().verify(&keys).is_ok());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let mut broker = Command::new("/usr/sbin/mosquitto").args(["-p", &port.to_string()]).spawn().unwrap();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -264,9 +264,22 @@ fn curate_train_eval_and_audit_through_the_cli() {
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "attrd/models/fashion-test", "-C", "1", "-W", "10"])
         .output()
         .unwrap();
-    let _ = broker.kill();
-    let _ = broker.wait();
     let ann: attrd::mqtt::transfer::Announcement = serde_json::from_slice(&sub.stdout).unwrap();
     assert_eq!((ann.name.as_str(), ann.version.as_str()), ("fashion-test", "0.1.0"));
     assert!(ann.chunks.len() as u64 * u64::from(ann.chunk_size) >= ann.size);
+
+    // End to end: a running attrd that trusts this key receives the INT8 bundle the trainer ships, verifies it,
+    // passes its golden set and reports the new model on its model-state topic.
+    let mut node = AttrdNode::start(port, &w.join("key.pub"));
+    let out = trainer(&["ship", "bundle-int8", "--mqtt", &format!("127.0.0.1:{port}")], w);
+    assert!(out.contains("attrd/models/fashion-test-int8"), "{out}");
+    let state = node.wait_for_model_state(port, |v| {
+        v["model"]["name"] == "fashion-test-int8" && v["transfer"]["status"] == "activated"
+    });
+    assert_eq!(state["model"]["version"], "0.1.0", "{state}");
+    assert_eq!(state["model"]["precision"], "int8", "{state}");
+    assert!(state["self_test"]["golden_items"].as_u64().unwrap() > 0, "{state}");
+    drop(node);
+    let _ = broker.kill();
+    let _ = broker.wait();
 }

@@ -136,3 +136,65 @@ fn unknown_labels_are_masked_out_of_the_loss() {
     let want = (bce(1.0, 1.0) + bce(-2.0, 0.0)) / 2.0;
     assert!((got - want).abs() < 1e-5, "{got} vs {want}");
 }
+
+/// Head-only training on cached features: the backbone runs once, the heads learn, the backbone's weights (batch
+/// norm statistics included) stay exactly the pretrained ones, and the validation score measured on the cache is
+/// what a full forward pass of the saved model gives.
+#[test]
+fn cached_frozen_features_train_the_heads_and_leave_the_backbone_untouched() {
+    let lite0 = lite0_checkpoint();
+    let (backbone, _) = weights::import(&lite0, &ImportOptions::default()).unwrap();
+    let (heads, specs) = items(&fashion_dir(), 480);
+    let mut cfg = config(4);
+    cfg.freeze_backbone_epochs = 4;
+    cfg.cache_frozen_features = true;
+    cfg.lr = 0.01;
+    let pre = data::preprocessor(cfg.input_spec()).unwrap();
+    let (examples, failed) = data::load_examples(specs, &pre, |_| {});
+    assert!(failed.is_empty(), "{failed:?}");
+    let (train, val) = examples.split_at(384);
+    let out = tempfile::tempdir().unwrap();
+    let summary = fit::fit(FitInput {
+        cfg: &cfg,
+        heads: &heads,
+        train,
+        val,
+        out_dir: out.path(),
+        resume: false,
+        backbone: Some(&backbone),
+        dataset_fingerprint: None,
+        progress: false,
+    })
+    .unwrap();
+    let s = &summary.state;
+    assert_eq!(s.epochs_done, 4);
+    let (first, last) = (s.log[0].train_loss, s.log[3].train_loss);
+    assert!(last < first, "training loss did not fall: {first} -> {last}");
+    assert!(s.log.iter().any(|l| l.val_accuracy[1] > 0.6), "gender accuracy {:?}", s.log);
+
+    let (state, vs, model) = fit::load_run(out.path(), tch::Device::Cpu).unwrap();
+    let mut fresh_vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    fit::build_model(&mut fresh_vs, &state, Some(&backbone)).unwrap();
+    let fresh = fresh_vs.variables();
+    let mut compared = 0;
+    for (name, v) in vs.variables() {
+        if name.starts_with("heads") {
+            continue;
+        }
+        let want = &fresh[&name];
+        assert!(v.equal(want), "backbone variable {name} changed");
+        compared += 1;
+    }
+    assert!(compared > 100, "only {compared} backbone variables compared");
+
+    let probs = fit::predict(&model, val, &heads, &pre, tch::Device::Cpu, 32, false, false).unwrap();
+    let (f1, _) = fit::head_scores(&heads, val, &probs).unwrap();
+    let best = &s.log[s.best_epoch - 1];
+    for (got, want) in f1.iter().zip(&best.val_macro_f1) {
+        assert!((got - want).abs() < 1e-6, "full forward {f1:?} vs cached {:?}", best.val_macro_f1);
+    }
+
+    cfg.freeze_backbone_epochs = 0;
+    let err = cfg.validate(&["masterCategory".into(), "gender".into()]).unwrap_err();
+    assert!(err.to_string().contains("cache_frozen_features needs freeze_backbone_epochs"), "{err}");
+}
