@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod daemon;
 mod engine;
+mod fuzz_corpus;
 mod http;
 mod models;
 mod mqtt;

@@ -588,3 +588,62 @@ async fn publishes_over_mutual_tls_and_refuses_an_unknown_server() {
     assert_eq!(s.reconnects, 0);
     assert!(s.last_error.as_deref().unwrap_or_default().to_lowercase().contains("certificate"), "{s:?}");
 }
+
+/// `config/mosquitto-acl.conf` on a real mosquitto with password logins: a node publishes its own results but
+/// cannot forge another node's or publish a model bundle, and only receives its own commands; the integrator sees
+/// results and reaches nodes with commands; the shipper may publish bundles.
+#[test]
+fn the_example_acl_confines_each_node_to_its_own_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    for (i, user) in ["edge-1", "edge-2", "integrator", "shipper"].iter().enumerate() {
+        let mut cmd = std::process::Command::new("mosquitto_passwd");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        let st = cmd.arg("-b").arg(&passwd).arg(user).arg(format!("pw-{user}")).status().unwrap();
+        assert!(st.success(), "mosquitto_passwd {user}");
+    }
+    let acl = crate::common::repo().join("config/mosquitto-acl.conf");
+    let port = free_port();
+    let _broker = Mosquitto::start_with_listener(
+        port,
+        false,
+        &format!("password_file {}\nacl_file {}", passwd.display(), acl.display()),
+    );
+    let sub = |user: &str, topic: &str| {
+        std::process::Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-u", user, "-P", &format!("pw-{user}")])
+            .args(["-i", &format!("acl-sub-{user}"), "-t", topic, "-v", "-W", "4"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let publish = |user: &str, topic: &str, msg: &str| {
+        let st = std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-u", user, "-P", &format!("pw-{user}")])
+            .args(["-q", "1", "-t", topic, "-m", msg])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{user} could not connect to publish on {topic}");
+    };
+    let everything = sub("shipper", "attrd/#"); // the shipper reads only attrd/models/#
+    let integrator = sub("integrator", "attrd/+/results/#");
+    let edge1_cmds = sub("edge-1", "attrd/+/cmd/#"); // wider than allowed: only its own arrive
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    publish("edge-1", "attrd/edge-1/results/SKU1", "genuine");
+    publish("edge-1", "attrd/edge-2/results/SKU2", "forged-result");
+    publish("edge-1", "attrd/models/fashion", "forged-bundle");
+    publish("integrator", "attrd/edge-1/cmd/capture", "for-edge-1");
+    publish("integrator", "attrd/edge-2/cmd/capture", "for-edge-2");
+    publish("shipper", "attrd/models/fashion", "real-bundle");
+    let out = |c: std::process::Child| String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap();
+    let (integrator, edge1_cmds, everything) = (out(integrator), out(edge1_cmds), out(everything));
+    assert!(integrator.contains("attrd/edge-1/results/SKU1 genuine"), "{integrator}");
+    assert!(!integrator.contains("forged"), "a node forged another node's result:\n{integrator}");
+    assert!(edge1_cmds.contains("attrd/edge-1/cmd/capture for-edge-1"), "{edge1_cmds}");
+    assert!(!edge1_cmds.contains("for-edge-2"), "edge-1 read edge-2's commands:\n{edge1_cmds}");
+    assert!(everything.contains("attrd/models/fashion real-bundle"), "{everything}");
+    assert!(!everything.contains("forged-bundle"), "a node published a bundle:\n{everything}");
+    assert!(!everything.contains("results"), "the shipper read results:\n{everything}");
+}

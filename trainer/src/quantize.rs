@@ -265,7 +265,7 @@ impl Runner {
         let env = attrd::engine::environment(&attrd::engine::EngineConfig::cpu())?;
         let mut b = Session::builder(&env)
             .map_err(ort_err)?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(ort_err)?;
         if threads > 0 {
             b = b.with_intra_threads(threads).map_err(ort_err)?;

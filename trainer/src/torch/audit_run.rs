@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 use super::EffNet;
 use super::fit::FitError;
 use crate::eval::audit::{self, AuditScore, Filter, RankBy};
-use crate::train::data::{self, Example, HeadSpec};
+use crate::train::data::{Example, HeadSpec};
 
 /// How the audit runs.
 #[derive(Debug, Clone)]
@@ -78,18 +78,8 @@ pub fn features(
     batch_size: usize,
     progress: impl Fn(usize),
 ) -> Result<Array2<f32>, FitError> {
-    let s = pre.spec();
-    let mut out = Vec::with_capacity(examples.len() * crate::effnet::FEATURE_DIM);
-    let idx: Vec<usize> = (0..examples.len()).collect();
-    for chunk in idx.chunks(batch_size.max(1)) {
-        let b = data::make_batch(examples, chunk, heads, pre, None);
-        let xs = Tensor::from_slice(&b.images)
-            .reshape([b.n as i64, 3, i64::from(s.height), i64::from(s.width)])
-            .to_device(device);
-        let f = tch::no_grad(|| model.f_features_t(&xs, false))?;
-        out.extend(Vec::<f32>::try_from(f.to_device(Device::Cpu).contiguous().view([-1]))?);
-        progress(chunk[chunk.len() - 1] + 1);
-    }
+    let f = super::fit::pooled_features(model, examples, heads, pre, device, batch_size, false, false, progress)?;
+    let out = Vec::<f32>::try_from(f.to_device(Device::Cpu).contiguous().view([-1]))?;
     Array2::from_shape_vec((examples.len(), crate::effnet::FEATURE_DIM), out)
         .map_err(|e| FitError::Tch(tch::TchError::Shape(e.to_string())))
 }

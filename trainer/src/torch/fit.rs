@@ -294,36 +294,22 @@ pub fn fit(input: FitInput<'_>) -> Result<FitSummary, FitError> {
         if frozen && cfg.cache_frozen_features && cache.is_none() {
             let t0 = Instant::now();
             let cl = cuda && cfg.channels_last;
-            let train_f = cached_features(
-                &model,
-                input.train,
-                input.heads,
-                &pre,
-                device,
-                cfg.batch_size,
-                cl,
-                amp,
-                input.progress,
-                "caching train features",
-            )?;
-            let val_f = cached_features(
-                &model,
-                input.val,
-                input.heads,
-                &pre,
-                device,
-                cfg.batch_size,
-                cl,
-                amp,
-                input.progress,
-                "caching val features",
-            )?;
+            let mut feats = Vec::new();
+            for (what, items) in [("caching train features", input.train), ("caching val features", input.val)] {
+                let bar = progress_bar(input.progress, items.len() as u64, what);
+                let f = pooled_features(&model, items, input.heads, &pre, device, cfg.batch_size, cl, amp, |done| {
+                    bar.set_position(done as u64)
+                })?;
+                bar.finish_and_clear();
+                feats.push(f);
+            }
+            let (val_f, train_f) = (feats.pop(), feats.pop());
             tracing::info!(
                 items = input.train.len() + input.val.len(),
                 seconds = t0.elapsed().as_secs(),
                 "backbone features cached; the frozen epochs train the heads on them"
             );
-            cache = Some((train_f, val_f));
+            cache = train_f.zip(val_f);
         }
         let cached = if frozen { cache.as_ref() } else { None };
         let order = sampler.epoch(epoch as u64);
@@ -749,30 +735,27 @@ pub fn predict_logits(
     channels_last: bool,
     amp: bool,
 ) -> Result<Vec<Array2<f32>>, FitError> {
-    let mut out: Vec<Vec<f32>> = vec![Vec::new(); heads.len()];
+    if examples.is_empty() {
+        return Ok(heads.iter().map(|h| Array2::zeros((0, h.classes.len()))).collect());
+    }
+    let mut parts: Vec<Vec<Tensor>> = heads.iter().map(|_| Vec::new()).collect();
     let idx: Vec<usize> = (0..examples.len()).collect();
     for chunk in idx.chunks(batch_size.max(1)) {
         let batch = data::make_batch(examples, chunk, heads, pre, None);
         let xs = images_tensor(&batch, pre, device, channels_last);
         let logits = tch::no_grad(|| tch::autocast(amp, || model.f_forward_heads_t(&xs, false)))?;
-        for (h, l) in logits.iter().enumerate() {
-            let l = l.to_kind(Kind::Float).to_device(Device::Cpu).contiguous().view([-1]);
-            out[h].extend(Vec::<f32>::try_from(&l)?);
+        for (h, l) in logits.into_iter().enumerate() {
+            parts[h].push(l.to_kind(Kind::Float).to_device(Device::Cpu));
         }
     }
-    heads
-        .iter()
-        .zip(out)
-        .map(|(spec, v)| {
-            Array2::from_shape_vec((examples.len(), spec.classes.len()), v)
-                .map_err(|e| FitError::Tch(tch::TchError::Shape(e.to_string())))
-        })
-        .collect()
+    let logits = parts.iter().map(|p| Tensor::f_cat(p, 0)).collect::<Result<Vec<_>, _>>()?;
+    logits_arrays(heads, examples.len(), &logits)
 }
 
-/// Pooled backbone features (`[N, C]`, on `device`) of `examples` without augmentation, in inference mode.
+/// Pooled backbone features (`[N, C]` float, on `device`) of `examples` without augmentation, in inference mode;
+/// `progress` gets the number of items done after each batch.
 #[allow(clippy::too_many_arguments)]
-fn cached_features(
+pub fn pooled_features(
     model: &EffNet,
     examples: &[Example],
     heads: &[HeadSpec],
@@ -781,20 +764,20 @@ fn cached_features(
     batch_size: usize,
     channels_last: bool,
     amp: bool,
-    progress: bool,
-    what: &str,
+    progress: impl Fn(usize),
 ) -> Result<Tensor, FitError> {
+    if examples.is_empty() {
+        return Ok(Tensor::zeros([0, crate::effnet::FEATURE_DIM as i64], (Kind::Float, device)));
+    }
     let idx: Vec<usize> = (0..examples.len()).collect();
-    let bar = progress_bar(progress, idx.len().div_ceil(batch_size.max(1)) as u64, what);
     let mut parts = Vec::new();
     for chunk in idx.chunks(batch_size.max(1)) {
         let batch = data::make_batch(examples, chunk, heads, pre, None);
         let xs = images_tensor(&batch, pre, device, channels_last);
         let f = tch::no_grad(|| tch::autocast(amp, || model.f_features_t(&xs, false)))?;
         parts.push(f.to_kind(Kind::Float));
-        bar.inc(1);
+        progress(chunk[chunk.len() - 1] + 1);
     }
-    bar.finish_and_clear();
     Ok(Tensor::f_cat(&parts, 0)?)
 }
 

@@ -90,7 +90,7 @@ fn optimized_ops(model: &ModelProto) -> BTreeMap<String, usize> {
     let path = dir.path().join("opt.onnx");
     Session::builder(env())
         .expect("builder")
-        .with_optimization_level(ort::session::builder::GraphOptimizationLevel::Level3)
+        .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)
         .expect("level")
         .with_optimized_model_path(&path)
         .expect("optimized path")
