@@ -9,8 +9,11 @@ use std::sync::OnceLock;
 use crate::mqtt::topics::Topics;
 use crate::preprocess::{InputSpec, Limits, Preprocessor};
 
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets by name, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [(&str, fn(&[u8])); 4] =
+pub const TARGETS: [(&str, Target); 4] =
     [("preprocess", preprocess), ("manifest", manifest), ("bundle_tar", bundle_tar), ("mqtt_message", mqtt_message)];
 
 /// Decode + resize + normalise. The limits are small so the fuzzer explores headers rather than legal huge images.

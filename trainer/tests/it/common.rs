@@ -24,12 +24,14 @@ pub fn lite0_checkpoint() -> PathBuf {
 }
 
 /// A free TCP port on 127.0.0.1.
+#[cfg(feature = "torch")] // used by the CLI pipeline test only
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The workspace's `attrd` binary, built (or brought up to date) on first use: the trainer package cannot name
 /// another package's binary with `CARGO_BIN_EXE_*`, and the end-to-end tests must run the real daemon.
+#[cfg(feature = "torch")] // used by the CLI pipeline test only
 pub fn attrd_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
@@ -54,12 +56,14 @@ pub fn attrd_binary() -> PathBuf {
 
 /// A real `attrd run` on a temporary directory: the repository's ImageNet bundle as bootstrap model, receiving every
 /// bundle name over MQTT from the broker on `mqtt_port`, trusting the demo key and `extra_key`. Killed on drop.
+#[cfg(feature = "torch")] // used by the CLI pipeline test only
 pub struct AttrdNode {
     child: std::process::Child,
     dir: tempfile::TempDir,
     name: String,
 }
 
+#[cfg(feature = "torch")] // used by the CLI pipeline test only
 impl AttrdNode {
     pub fn start(mqtt_port: u16, extra_key: &std::path::Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -138,6 +142,7 @@ listen = "127.0.0.1:{http}"
     }
 }
 
+#[cfg(feature = "torch")] // used by the CLI pipeline test only
 impl Drop for AttrdNode {
     fn drop(&mut self) {
         let _ = self.child.kill();
