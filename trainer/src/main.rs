@@ -272,6 +272,12 @@ fn max_probability_diff(a: &bundle::GoldenSet, b: &bundle::GoldenSet) -> f32 {
         .fold(0f32, f32::max)
 }
 
+/// The name of the `i`-th golden image inside the bundle.
+fn golden_file_name(i: usize, path: &std::path::Path) -> String {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("img").to_ascii_lowercase();
+    format!("{i:03}.{ext}")
+}
+
 /// Indices (ascending) of the `n` items whose predictions are furthest from a decision boundary: mean over heads of
 /// the top-1 minus top-2 probability (single-label) or of the smallest `|2p - 1|` (multi-label).
 #[cfg(feature = "torch")]
@@ -328,8 +334,7 @@ fn golden_set(
         let tensor = pre.prepare_path(path).with_context(|| format!("golden image {}", path.display()))?;
         let out = engine.infer_blocking(pre.batch(&[tensor]))?;
         let probs = out.probabilities(manifest).remove(0);
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("img").to_ascii_lowercase();
-        files.push((path.clone(), format!("{i:03}.{ext}")));
+        files.push((path.clone(), golden_file_name(i, path)));
         items.push(bundle::GoldenItem {
             file: String::new(),
             sha256: String::new(),
@@ -913,16 +918,18 @@ fn package(args: PackageArgs) -> Result<()> {
     // tolerance so loose that it catches nothing.
     let pool: Vec<PathBuf> =
         ds.items(Split::Test).take(args.golden.saturating_mul(8).max(256)).map(|it| ds.image_path(it)).collect();
-    let golden_images = if pool.len() <= args.golden {
-        pool
-    } else {
-        let (_, scored) = golden_set(&manifest, &fp32_onnx, &pool, 0.0, &tmp.path().join("pool"))?;
-        most_decisive(&manifest, &scored, args.golden).into_iter().map(|i| pool[i].clone()).collect()
-    };
-    let golden = if golden_images.is_empty() {
+    let golden = if pool.is_empty() || args.golden == 0 {
         None
     } else {
-        let (files, mut set) = golden_set(&manifest, &fp32_onnx, &golden_images, 5e-3, &tmp.path().join("fp32"))?;
+        // fp32 references for the whole pool; the chosen items keep theirs.
+        let (mut files, mut set) = golden_set(&manifest, &fp32_onnx, &pool, 5e-3, &tmp.path().join("fp32"))?;
+        if pool.len() > args.golden {
+            let chosen = most_decisive(&manifest, &set, args.golden);
+            files = chosen.iter().enumerate().map(|(k, &i)| (pool[i].clone(), golden_file_name(k, &pool[i]))).collect();
+            let items = std::mem::take(&mut set.items).into_iter().enumerate();
+            set.items = items.filter(|(i, _)| chosen.binary_search(i).is_ok()).map(|(_, item)| item).collect();
+        }
+        let golden_images: Vec<PathBuf> = files.iter().map(|(path, _)| path.clone()).collect();
         // How far the shipped graph is from the fp32 references, when it is not the fp32 export itself.
         let served = if onnx == fp32_onnx {
             None
@@ -948,12 +955,13 @@ fn package(args: PackageArgs) -> Result<()> {
         }
         Some((files, set))
     };
+    let golden_count = golden.as_ref().map_or(0, |(files, _)| files.len());
     let b = bundle::write(&args.output, NewBundle { manifest, onnx: &onnx, golden, signing_key: key.as_ref() })?;
     eprintln!(
         "wrote bundle {} ({} heads, {} golden images{}) to {}",
         b.label(),
         b.manifest().heads.len(),
-        golden_images.len(),
+        golden_count,
         if key.is_some() { ", signed" } else { ", UNSIGNED: attrd will refuse it" },
         args.output.display()
     );

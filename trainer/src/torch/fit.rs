@@ -294,22 +294,22 @@ pub fn fit(input: FitInput<'_>) -> Result<FitSummary, FitError> {
         if frozen && cfg.cache_frozen_features && cache.is_none() {
             let t0 = Instant::now();
             let cl = cuda && cfg.channels_last;
-            let mut feats = Vec::new();
-            for (what, items) in [("caching train features", input.train), ("caching val features", input.val)] {
+            let features_of = |items: &[Example], what: &str| {
                 let bar = progress_bar(input.progress, items.len() as u64, what);
                 let f = pooled_features(&model, items, input.heads, &pre, device, cfg.batch_size, cl, amp, |done| {
                     bar.set_position(done as u64)
-                })?;
+                });
                 bar.finish_and_clear();
-                feats.push(f);
-            }
-            let (val_f, train_f) = (feats.pop(), feats.pop());
+                f
+            };
+            let train_f = features_of(input.train, "caching train features")?;
+            let val_f = features_of(input.val, "caching val features")?;
             tracing::info!(
                 items = input.train.len() + input.val.len(),
                 seconds = t0.elapsed().as_secs(),
                 "backbone features cached; the frozen epochs train the heads on them"
             );
-            cache = train_f.zip(val_f);
+            cache = Some((train_f, val_f));
         }
         let cached = if frozen { cache.as_ref() } else { None };
         let order = sampler.epoch(epoch as u64);
