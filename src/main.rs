@@ -37,6 +37,49 @@ enum Command {
     /// Inspect and check model bundles.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Measure the daemon's path end to end on a directory of photos: decode, infer, store in the outbox, publish
+    /// to a broker and wait for its acknowledgements. Prints images/s and per-stage latency (p50/p99).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Bundle directory.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Public keys (PEM) trusted to sign bundles; the signature is checked when at least one is given.
+    #[arg(long = "trusted-key")]
+    trusted_keys: Vec<PathBuf>,
+    /// Directory of photos (JPEG, PNG, WebP); every file in it is used, in name order.
+    #[arg(long)]
+    images: PathBuf,
+    /// Use at most this many photos.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Execution providers to try, in order.
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    providers: Vec<Provider>,
+    /// ONNX Runtime intra-op threads (0 = ORT's default).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Most images per inference call (the pipeline's `max_batch`).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    batch: u16,
+    /// Photos decoded at once (the pipeline's `decode_workers`; default one per CPU core).
+    #[arg(long)]
+    decode_workers: Option<usize>,
+    /// MQTT broker host.
+    #[arg(long, default_value = "127.0.0.1")]
+    mqtt_host: String,
+    /// MQTT broker port.
+    #[arg(long, default_value_t = 1883)]
+    mqtt_port: u16,
+    /// Node name in the result topics (`attrd/<node>/results/<sku>`).
+    #[arg(long, default_value = "bench")]
+    node: String,
+    /// Print one JSON line instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -214,6 +257,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Infer(args) => infer(args),
+        Command::Bench(args) => bench(args),
         Command::Model(ModelCommand::Verify { bundle, trusted_keys, allow_unsigned }) => {
             let b = open_bundle(&bundle, &trusted_keys, allow_unsigned)?;
             let m = b.manifest();
@@ -288,6 +332,48 @@ fn open_bundle(dir: &Path, trusted_keys: &[PathBuf], allow_unsigned: bool) -> Re
         SignatureStatus::NotChecked => {}
     }
     Ok(bundle)
+}
+
+fn bench(args: BenchArgs) -> Result<ExitCode> {
+    let bundle = open_bundle(&args.bundle, &args.trusted_keys, args.trusted_keys.is_empty())?;
+    let mut images: Vec<PathBuf> = std::fs::read_dir(&args.images)
+        .with_context(|| format!("reading {}", args.images.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+            p.is_file() && matches!(ext.as_str(), "jpg" | "jpeg" | "png" | "webp")
+        })
+        .collect();
+    images.sort();
+    images.truncate(args.limit.unwrap_or(usize::MAX));
+    if images.is_empty() {
+        bail!("{} has no .jpg, .jpeg, .png or .webp files", args.images.display());
+    }
+    let mut pipeline = attrd::pipeline::PipelineConfig { max_batch: usize::from(args.batch), ..Default::default() };
+    if let Some(w) = args.decode_workers {
+        pipeline.decode_workers = w;
+    }
+    let mqtt = attrd::mqtt::MqttConfig {
+        host: args.mqtt_host,
+        port: args.mqtt_port,
+        node: Some(args.node.clone()),
+        client_id: Some(format!("attrd-bench-{}-{}", args.node, std::process::id())),
+        ..Default::default()
+    };
+    let report = daemon::bench::run(daemon::bench::BenchOptions {
+        bundle,
+        images,
+        providers: args.providers,
+        threads: args.threads,
+        pipeline,
+        mqtt,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Serialize)]

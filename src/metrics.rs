@@ -18,6 +18,7 @@
 //! | `attrd_batch_size` | histogram | images per engine run |
 //! | `attrd_model_info` | gauge (info-style, always 1) | `name`, `version`, `sha256`, `provider` |
 //! | `attrd_active_provider` | gauge (info-style, always 1) | `provider` |
+//! | `attrd_alarm` | gauge, 1 while raised | `alarm` (see [`Alarm`]) |
 
 use crate::engine::Engine;
 use crate::preprocess::PreprocessError;
@@ -47,7 +48,7 @@ pub enum Stage {
     Queue,
     /// One engine run (the whole batch).
     Infer,
-    /// Handing the result to the outbox / broker.
+    /// Storing the result durably in the outbox (the broker's acknowledgement comes after, asynchronously).
     Publish,
     /// From receiving the image to its result being stored or returned.
     Total,
@@ -67,6 +68,41 @@ impl Stage {
             Stage::Total => "total",
         }
     }
+}
+
+/// A condition that needs an operator, shown as `attrd_alarm{alarm} 1` while it lasts, in the retained MQTT status
+/// and in the log (raised at error level once, cleared at info level once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Alarm {
+    /// The outbox cannot store results (disk full, read-only or failing state directory). Photos stay with their
+    /// sources and are retried; nothing is lost, but nothing new is published either.
+    OutboxUnwritable,
+    /// The outbox holds its configured maximum (the broker has been away too long).
+    OutboxFull,
+}
+
+impl Alarm {
+    pub const ALL: [Alarm; 2] = [Alarm::OutboxUnwritable, Alarm::OutboxFull];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Alarm::OutboxUnwritable => "outbox_unwritable",
+            Alarm::OutboxFull => "outbox_full",
+        }
+    }
+}
+
+/// A raised alarm, for status reports.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RaisedAlarm {
+    /// The alarm's name ([`Alarm::as_str`]).
+    pub alarm: &'static str,
+    /// When it was raised.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: time::OffsetDateTime,
+    /// The error that raised it.
+    pub reason: String,
 }
 
 /// What went wrong, as counted by `attrd_errors_total{kind}`.
@@ -154,7 +190,7 @@ macro_rules! label_value_via_as_str {
         }
     )*};
 }
-label_value_via_as_str!(Stage, ErrorKind);
+label_value_via_as_str!(Stage, ErrorKind, Alarm);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct StageLabels {
@@ -169,6 +205,11 @@ struct SourceLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ErrorLabels {
     kind: ErrorKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AlarmLabels {
+    alarm: Alarm,
 }
 
 /// Labels of `attrd_model_info`.
@@ -229,6 +270,8 @@ struct Inner {
     batch_size: Histogram,
     model_info: Family<ModelLabels, Gauge>,
     active_provider: Family<ProviderLabels, Gauge>,
+    alarm: Family<AlarmLabels, Gauge>,
+    raised: Mutex<std::collections::BTreeMap<Alarm, RaisedAlarm>>,
     /// Serialises model swaps so two concurrent swaps cannot both leave their labels at 1.
     swap: Mutex<()>,
 }
@@ -257,6 +300,7 @@ impl Metrics {
         let batch_size = batch_histogram();
         let model_info = Family::<ModelLabels, Gauge>::default();
         let active_provider = Family::<ProviderLabels, Gauge>::default();
+        let alarm = Family::<AlarmLabels, Gauge>::default();
         registry.register("stage_seconds", "Time spent per processing stage, in seconds", stage.clone());
         registry.register("images", "Images received, by source", images.clone());
         registry.register("errors", "Errors, by kind", errors.clone());
@@ -270,12 +314,16 @@ impl Metrics {
             "The execution provider serving the model (always 1; the label names it)",
             active_provider.clone(),
         );
+        registry.register("alarm", "1 while the alarm is raised (see the log and the MQTT status)", alarm.clone());
         // Known series exist from the start, at zero, so dashboards and `rate()` see them before the first event.
         for s in Stage::ALL {
             drop(stage.get_or_create(&StageLabels { stage: s }));
         }
         for k in ErrorKind::ALL {
             drop(errors.get_or_create(&ErrorLabels { kind: k }));
+        }
+        for a in Alarm::ALL {
+            drop(alarm.get_or_create(&AlarmLabels { alarm: a }));
         }
         Metrics {
             inner: Arc::new(Inner {
@@ -289,6 +337,8 @@ impl Metrics {
                 batch_size,
                 model_info,
                 active_provider,
+                alarm,
+                raised: Mutex::new(std::collections::BTreeMap::new()),
                 swap: Mutex::new(()),
             }),
         }
@@ -317,6 +367,35 @@ impl Metrics {
 
     pub fn set_mqtt_connected(&self, connected: bool) {
         self.inner.mqtt_connected.set(i64::from(connected));
+    }
+
+    /// Raises `alarm` because of `reason`; true when it was not raised before (so the caller logs it once).
+    pub fn raise(&self, alarm: Alarm, reason: &str) -> bool {
+        let mut raised = self.inner.raised.lock().unwrap_or_else(PoisonError::into_inner);
+        self.inner.alarm.get_or_create(&AlarmLabels { alarm }).set(1);
+        match raised.get_mut(&alarm) {
+            Some(r) => {
+                reason.clone_into(&mut r.reason);
+                false
+            }
+            None => {
+                let since = time::OffsetDateTime::now_utc();
+                raised.insert(alarm, RaisedAlarm { alarm: alarm.as_str(), since, reason: reason.to_owned() });
+                true
+            }
+        }
+    }
+
+    /// Clears `alarm`; returns it if it was raised (so the caller logs the all-clear once).
+    pub fn clear(&self, alarm: Alarm) -> Option<RaisedAlarm> {
+        let mut raised = self.inner.raised.lock().unwrap_or_else(PoisonError::into_inner);
+        self.inner.alarm.get_or_create(&AlarmLabels { alarm }).set(0);
+        raised.remove(&alarm)
+    }
+
+    /// The alarms raised now.
+    pub fn alarms(&self) -> Vec<RaisedAlarm> {
+        self.inner.raised.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
     }
 
     /// Records the size of one engine run.

@@ -150,6 +150,21 @@ pub struct Enqueued {
     pub message_id: Uuid,
 }
 
+/// A message for [`Outbox::enqueue_many`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    /// MQTT topic (no wildcards).
+    pub topic: String,
+    /// A JSON object; `seq` and `message_id` are inserted into it.
+    pub payload: serde_json::Value,
+    /// QoS 0, 1 or 2.
+    pub qos: u8,
+    /// Whether to publish retained.
+    pub retain: bool,
+    /// The message's id; a waiting message with the same id is returned instead of adding another.
+    pub message_id: Uuid,
+}
+
 /// One stored message, as replayed to the broker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -231,8 +246,23 @@ struct Counters {
 }
 
 enum Op {
-    Write(Write),
-    Batch { after: Option<i64>, limit: usize, reply: oneshot::Sender<Result<Vec<Entry>, OutboxError>> },
+    /// Applied in one transaction together with whatever else is queued.
+    Writes(Vec<Write>),
+    Batch {
+        after: Option<i64>,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<Entry>, OutboxError>>,
+    },
+}
+
+impl Op {
+    /// Rows it touches, for bounding a group.
+    fn size(&self) -> usize {
+        match self {
+            Op::Writes(w) => w.len().max(1),
+            Op::Batch { .. } => 1,
+        }
+    }
 }
 
 enum Write {
@@ -306,19 +336,41 @@ impl Outbox {
         retain: bool,
         message_id: Uuid,
     ) -> Result<Enqueued, OutboxError> {
-        if qos > 2 {
-            return Err(OutboxError::InvalidQos(qos));
+        let msg = NewMessage { topic, payload, qos, retain, message_id };
+        let mut results = self.enqueue_many(vec![msg]).await;
+        results.pop().unwrap_or(Err(OutboxError::Closed))
+    }
+
+    /// Stores several messages in one transaction (one fsync for all of them) and returns one verdict per message, in
+    /// order. Each message is judged on its own, exactly as [`enqueue_with_id`](Self::enqueue_with_id) would: an
+    /// invalid or rejected one does not stop the others. A database failure fails all of them, as nothing was
+    /// committed.
+    ///
+    /// This is how a producer with many results at once (the daemon's micro-batches) gets past one fsync per
+    /// result: awaiting single enqueues one after another commits each separately.
+    pub async fn enqueue_many(&self, msgs: Vec<NewMessage>) -> Vec<Result<Enqueued, OutboxError>> {
+        let mut writes = Vec::with_capacity(msgs.len());
+        let mut replies = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            match validate(m) {
+                Ok((topic, payload, qos, retain, message_id)) => {
+                    let (reply, rx) = oneshot::channel();
+                    writes.push(Write::Enqueue { topic, payload, qos, retain, message_id, reply });
+                    replies.push(Ok(rx));
+                }
+                Err(e) => replies.push(Err(e)),
+            }
         }
-        if topic.is_empty() || topic.contains(['+', '#', '\0']) || topic.len() > usize::from(u16::MAX) {
-            return Err(OutboxError::InvalidTopic(topic));
+        let sent = if writes.is_empty() { Ok(()) } else { self.send(Op::Writes(writes)) };
+        let mut out = Vec::with_capacity(replies.len());
+        for r in replies {
+            out.push(match (r, &sent) {
+                (Err(e), _) => Err(e),
+                (Ok(_), Err(_)) => Err(OutboxError::Closed),
+                (Ok(rx), Ok(())) => rx.await.unwrap_or(Err(OutboxError::Closed)),
+            });
         }
-        let payload = match payload {
-            serde_json::Value::Object(m) => m,
-            other => return Err(OutboxError::NotAnObject(json_kind(&other))),
-        };
-        let (reply, rx) = oneshot::channel();
-        self.send(Op::Write(Write::Enqueue { topic, payload, qos, retain, message_id, reply }))?;
-        rx.await.map_err(|_| OutboxError::Closed)?
+        out
     }
 
     /// Up to `limit` stored messages with an id greater than `after_id`, oldest first.
@@ -331,7 +383,7 @@ impl Outbox {
     /// Deletes a message once the broker has acknowledged it. Unknown ids (already acked, dropped) are fine.
     pub async fn ack(&self, id: i64) -> Result<(), OutboxError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Op::Write(Write::Ack { id, reply }))?;
+        self.send(Op::Writes(vec![Write::Ack { id, reply }]))?;
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
@@ -357,6 +409,22 @@ impl Outbox {
 
     fn send(&self, op: Op) -> Result<(), OutboxError> {
         self.inner.tx.as_ref().ok_or(OutboxError::Closed)?.send(op).map_err(|_| OutboxError::Closed)
+    }
+}
+
+type Validated = (String, serde_json::Map<String, serde_json::Value>, u8, bool, Uuid);
+
+fn validate(m: NewMessage) -> Result<Validated, OutboxError> {
+    if m.qos > 2 {
+        return Err(OutboxError::InvalidQos(m.qos));
+    }
+    let topic = m.topic;
+    if topic.is_empty() || topic.contains(['+', '#', '\0']) || topic.len() > usize::from(u16::MAX) {
+        return Err(OutboxError::InvalidTopic(topic));
+    }
+    match m.payload {
+        serde_json::Value::Object(p) => Ok((topic, p, m.qos, m.retain, m.message_id)),
+        other => Err(OutboxError::NotAnObject(json_kind(&other))),
     }
 }
 
@@ -483,10 +551,14 @@ enum Pending {
 impl Worker {
     fn run(&mut self, rx: std_mpsc::Receiver<Op>) {
         while let Ok(first) = rx.recv() {
+            let mut size = first.size();
             let mut ops = vec![first];
-            while ops.len() < MAX_GROUP {
+            while size < MAX_GROUP {
                 match rx.try_recv() {
-                    Ok(op) => ops.push(op),
+                    Ok(op) => {
+                        size += op.size();
+                        ops.push(op);
+                    }
                     Err(_) => break,
                 }
             }
@@ -500,7 +572,7 @@ impl Worker {
                         // The caller may have given up waiting; nothing to undo then.
                         let _ = reply.send(self.batch(after, limit));
                     }
-                    Op::Write(w) => writes.push(w),
+                    Op::Writes(w) => writes.extend(w),
                 }
             }
             self.commit_writes(writes);

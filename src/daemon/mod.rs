@@ -14,11 +14,11 @@ use attrd::http::{self, CaptureAccepted, CaptureRefusal, CaptureRequest, EngineS
 use attrd::metrics::Metrics;
 use attrd::models::{self, ModelError, ModelStore};
 use attrd::mqtt::{IncomingCommand, Publisher, PublisherHandle, Topics};
-use attrd::outbox::Outbox;
+use attrd::outbox::{NewMessage, Outbox};
 use attrd::pipeline::{Finished, Pipeline};
 use attrd::sources::{self, ShutdownSignal, Trigger};
 use attrd::systemd::{Heartbeat, Notifier};
-use attrd::util::now_rfc3339;
+use attrd::util::{error_chain, now_rfc3339};
 use serde_json::json;
 use slot::ModelSlot;
 use std::collections::BTreeMap;
@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
+pub(crate) mod bench;
 mod receive;
 mod slot;
 mod upgrade;
@@ -285,7 +286,11 @@ async fn load_and_test(bundle: Bundle, cfg: &Config) -> Result<(Engine, models::
         .with_context(|| format!("loading {label}"))
 }
 
-/// Stores each finished result durably and tells the pipeline (and so the source) that it is safe.
+/// Results taken from the pipeline into one outbox transaction at most; the pipeline's batches are smaller.
+const OUTBOX_GROUP: usize = 64;
+
+/// Stores each finished result durably and tells the pipeline (and so the source) that it is safe. Whatever results
+/// are waiting are stored together in one transaction: one fsync per group instead of one per result.
 async fn outbox_writer(
     mut rx: mpsc::Receiver<Finished>,
     outbox: Outbox,
@@ -293,24 +298,97 @@ async fn outbox_writer(
     metrics: Metrics,
     heartbeat: Heartbeat,
 ) {
-    while let Some(f) = rx.recv().await {
+    let mut group = Vec::with_capacity(OUTBOX_GROUP);
+    while rx.recv_many(&mut group, OUTBOX_GROUP).await > 0 {
         // A result means the inference path is alive.
         heartbeat.beat();
-        let outcome = async {
-            let topic = topics.result(&f.topic_sku).map_err(|e| e.to_string())?;
-            let payload = serde_json::to_value(&f.payload).map_err(|e| e.to_string())?;
-            outbox.enqueue_with_id(topic, payload, 1, false, result_id(&f)).await.map_err(|e| e.to_string())?;
-            Ok::<(), String>(())
+        let mut msgs = Vec::with_capacity(group.len());
+        let mut prepared = Vec::with_capacity(group.len());
+        for f in &group {
+            let msg = topics.result(&f.topic_sku).map_err(|e| e.to_string()).and_then(|topic| {
+                let payload = serde_json::to_value(&f.payload).map_err(|e| e.to_string())?;
+                Ok(NewMessage { topic, payload, qos: 1, retain: false, message_id: result_id(f) })
+            });
+            prepared.push(match msg {
+                Ok(m) => {
+                    msgs.push(m);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            });
         }
-        .await;
-        if let Err(e) = &outcome {
-            metrics.error(attrd::metrics::ErrorKind::Outbox);
-            tracing::error!(sku = %f.payload.sku, error = %e, "result not stored; the source keeps the photo");
+        let storing = std::time::Instant::now();
+        let mut stored = outbox.enqueue_many(msgs).await.into_iter();
+        let store_time = storing.elapsed();
+        for (f, prep) in group.drain(..).zip(prepared) {
+            let outcome = match prep {
+                Err(e) => Err(e),
+                Ok(()) => match stored.next() {
+                    Some(Ok(_)) => {
+                        observe_latency(&metrics, &f.payload.latency_ms, store_time);
+                        outbox_alarms(&metrics, None);
+                        Ok(())
+                    }
+                    Some(Err(e)) => {
+                        outbox_alarms(&metrics, Some(&e));
+                        Err(error_chain(&e))
+                    }
+                    None => Err("the outbox gave no verdict".to_string()),
+                },
+            };
+            if let Err(e) = &outcome {
+                tracing::error!(sku = %f.payload.sku, error = %e, "result not stored; the source keeps the photo");
+            }
+            let _ = f.durable.send(outcome);
         }
         let d = outbox.depth();
         metrics.set_outbox(d.messages, d.bytes);
-        let _ = f.durable.send(outcome);
     }
+}
+
+/// Raises the outbox alarms on a failed store (once, at error level) and clears them on the next success.
+fn outbox_alarms(metrics: &Metrics, failure: Option<&attrd::outbox::OutboxError>) {
+    use attrd::metrics::{Alarm, ErrorKind};
+    use attrd::outbox::OutboxError;
+    let Some(e) = failure else {
+        for alarm in [Alarm::OutboxUnwritable, Alarm::OutboxFull] {
+            if let Some(r) = metrics.clear(alarm) {
+                tracing::info!(alarm = alarm.as_str(), since = %r.since, "alarm cleared: the outbox stores results again");
+            }
+        }
+        return;
+    };
+    let reason = error_chain(e);
+    let (alarm, kind) = match e {
+        OutboxError::Full { .. } => (Alarm::OutboxFull, ErrorKind::OutboxFull),
+        // A message the outbox refuses on its own merits says nothing about the outbox's health.
+        OutboxError::TooLarge { .. }
+        | OutboxError::NotAnObject(_)
+        | OutboxError::InvalidTopic(_)
+        | OutboxError::InvalidQos(_) => {
+            metrics.error(ErrorKind::Outbox);
+            return;
+        }
+        _ => (Alarm::OutboxUnwritable, ErrorKind::Outbox),
+    };
+    metrics.error(kind);
+    if metrics.raise(alarm, &reason) {
+        tracing::error!(alarm = alarm.as_str(), error = %reason,
+            "ALARM results cannot be stored in the outbox; photos stay with their sources and are retried, nothing is \
+             lost. Check the state directory's disk space and permissions (or the broker, if the outbox is full).");
+    }
+}
+
+/// Feeds a stored result's per-stage latency (measured by the pipeline, in its payload) into `attrd_stage_seconds`;
+/// `publish` is the time to store it durably in the outbox, and `total` runs until then.
+fn observe_latency(metrics: &Metrics, l: &attrd::payload::Latency, store: Duration) {
+    use attrd::metrics::Stage;
+    let d = |ms: f64| Duration::from_secs_f64((ms / 1000.0).max(0.0));
+    metrics.observe_stage(Stage::Preprocess, d(l.decode_preprocess));
+    metrics.observe_stage(Stage::Queue, d(l.queue));
+    metrics.observe_stage(Stage::Infer, d(l.infer));
+    metrics.observe_stage(Stage::Publish, store);
+    metrics.observe_stage(Stage::Total, d(l.total) + store);
 }
 
 /// The `message_id` of a result: derived from what it is about (node, SKU, the photos by hash, the model), so a photo
@@ -417,12 +495,23 @@ async fn publish_status(
     started: Instant,
 ) {
     let mut tick = tokio::time::interval(STATUS_EVERY);
+    let mut last = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            changed = conn.changed() => if changed.is_err() { return },
+            changed = conn.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // The state's counters change with every published result; only a new connection state is news.
+                if last == Some(conn.borrow_and_update().connection) {
+                    continue;
+                }
+            }
         }
-        let connected = matches!(conn.borrow().connection, attrd::mqtt::Connection::Connected);
+        let connection = conn.borrow_and_update().connection;
+        last = Some(connection);
+        let connected = matches!(connection, attrd::mqtt::Connection::Connected);
         metrics.set_mqtt_connected(connected);
         let d = outbox.depth();
         metrics.set_outbox(d.messages, d.bytes);
@@ -432,6 +521,7 @@ async fn publish_status(
             "model": model_json(&engine.load()),
             "uptime_s": started.elapsed().as_secs(),
             "outbox": {"messages": d.messages, "bytes": d.bytes, "oldest_age_s": d.oldest_age.map(|a| a.as_secs())},
+            "alarms": metrics.alarms(),
             "at": now_rfc3339(),
         });
         let _ = mqtt.publish_retained(topics.status(), &payload);

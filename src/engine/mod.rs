@@ -175,11 +175,27 @@ fn runtime(cfg: &EngineConfig) -> Result<&'static Runtime, EngineError> {
         .get_or_init(|| {
             let builder = ort::init_from(&library).map_err(|e| format!("{e}"))?;
             let env = builder.with_name("attrd").build().map_err(|e| format!("{e}"))?;
+            // ort's `tracing` bridge creates the environment at VERBOSE, so ONNX Runtime would format every verbose
+            // message only for the subscriber to drop it; ask for what the log filter shows (set at start-up).
+            env.set_log_level(ort_log_level());
             tracing::info!(library = %library.display(), "ONNX Runtime loaded");
             Ok(Runtime { env: Arc::new(env), library: library.clone() })
         })
         .as_ref()
         .map_err(|reason| EngineError::Library { path: library, reason: reason.clone() })
+}
+
+/// The most detailed ONNX Runtime severity the current `tracing` filter lets through (ort logs under target `ort`;
+/// VERBOSE arrives as TRACE).
+fn ort_log_level() -> ort::logging::LogLevel {
+    use ort::logging::LogLevel;
+    if tracing::enabled!(target: "ort", tracing::Level::TRACE) {
+        LogLevel::Verbose
+    } else if tracing::enabled!(target: "ort", tracing::Level::INFO) {
+        LogLevel::Info
+    } else {
+        LogLevel::Warning
+    }
 }
 
 /// The ORT library path the engine will load (see [`EngineConfig::ort_library`]).

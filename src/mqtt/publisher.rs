@@ -47,6 +47,8 @@ const PKID_HEADROOM: u16 = 256;
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause before retrying to read the outbox after it failed.
 const OUTBOX_RETRY: Duration = Duration::from_secs(1);
+/// The read-ahead holds up to this many in-flight windows of outbox messages.
+const READ_AHEAD_WINDOWS: usize = 2;
 /// Pending status/response publishes accepted from handles.
 const REQUEST_QUEUE: usize = 256;
 
@@ -477,6 +479,17 @@ enum Phase {
 
 type PollFuture = Pin<Box<dyn Future<Output = (EventLoop, Result<Event, ConnectionError>)> + Send>>;
 
+/// A background outbox read: the limit it asked for, and the answer.
+type ReadFuture = Pin<Box<dyn Future<Output = (usize, Result<Vec<crate::outbox::Entry>, OutboxError>)> + Send>>;
+
+/// Completes when the background read does; never while there is none.
+async fn read_done(reading: &mut Option<ReadFuture>) -> (usize, Result<Vec<crate::outbox::Entry>, OutboxError>) {
+    match reading {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
 fn poll_once(mut el: EventLoop) -> PollFuture {
     Box::pin(async move {
         let r = el.poll().await;
@@ -498,8 +511,15 @@ struct Session<'a> {
     collided: Option<(u16, Tag)>,
     /// Outbox messages handed over in this session and not acknowledged.
     outstanding: usize,
-    /// Highest outbox id handed over in this session; the next read starts after it.
+    /// Highest outbox id read in this session; the next read starts after it.
     cursor: Option<i64>,
+    /// Outbox messages read ahead and not yet handed to the client, oldest first. Reading ahead (in the background)
+    /// means a PUBACK frees a slot that is refilled at once, without waiting for a database round trip.
+    ahead: VecDeque<crate::outbox::Entry>,
+    /// Whether the outbox may hold messages after `cursor`.
+    more: bool,
+    /// The outbox changed while a read was running; the read's answer may predate the change.
+    changed_while_reading: bool,
     want_fill: bool,
     retry_fill: Option<Instant>,
     stopped_acked: bool,
@@ -518,6 +538,9 @@ impl<'a> Session<'a> {
             collided: None,
             outstanding: 0,
             cursor: None,
+            ahead: VecDeque::new(),
+            more: true,
+            changed_while_reading: false,
             want_fill: false,
             retry_fill: None,
             stopped_acked: false,
@@ -532,6 +555,7 @@ impl Session<'_> {
         // they would be sent again.
         self.ctx.finish_acks().await;
         let mut poll = poll_once(el);
+        let mut reading: Option<ReadFuture> = None;
         loop {
             let deadline = match self.phase {
                 Phase::Running => None,
@@ -556,6 +580,8 @@ impl Session<'_> {
                 }
                 changed = self.ctx.tail.changed(), if self.connected && running && self.ctx.tail_open => {
                     if changed.is_ok() {
+                        self.more = true;
+                        self.changed_while_reading = reading.is_some();
                         self.want_fill = true;
                     } else {
                         // Only if the outbox worker died; reads then fail and are retried on a timer.
@@ -572,6 +598,10 @@ impl Session<'_> {
                     self.begin_shutdown();
                 }
                 Some(r) = self.ctx.acks.join_next(), if !self.ctx.acks.is_empty() => log_ack(r),
+                (limit, r) = read_done(&mut reading) => {
+                    reading = None;
+                    self.on_read(limit, r);
+                }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     match self.phase {
                         Phase::Draining(_) => {
@@ -595,7 +625,7 @@ impl Session<'_> {
                 self.disconnect();
             }
             if self.want_fill && self.connected && self.phase == Phase::Running {
-                self.fill().await;
+                self.fill(&mut reading);
             }
         }
     }
@@ -808,51 +838,62 @@ impl Session<'_> {
         self.publish(topic, reply.to_string().into_bytes(), false, Tag::Other);
     }
 
-    /// Hands outbox messages to the client, oldest first, until the in-flight window is full or the outbox has
-    /// nothing newer.
-    async fn fill(&mut self) {
+    /// Hands read-ahead outbox messages to the client, oldest first, until the in-flight window is full, and starts
+    /// the next read in the background when the read-ahead runs low and the outbox may hold more.
+    fn fill(&mut self, reading: &mut Option<ReadFuture>) {
         self.want_fill = false;
         while self.outstanding < self.ctx.max_in_flight {
-            let room = self.ctx.max_in_flight - self.outstanding;
-            let batch = match self.ctx.outbox.next_batch(self.cursor, room).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(error = %error_chain(&e), "reading the outbox failed; retrying");
-                    self.retry_fill = Some(Instant::now() + OUTBOX_RETRY);
-                    break;
-                }
-            };
-            let n = batch.len();
-            for entry in batch {
-                let id = entry.id;
-                if !valid_topic(&entry.topic) {
-                    // The outbox refuses such topics; an old or edited database could still hold one.
-                    tracing::error!(id, topic = %entry.topic, "unpublishable outbox entry skipped (left in place)");
-                    self.cursor = Some(id);
-                    continue;
-                }
-                let mut payload = entry.payload;
-                if let serde_json::Value::Object(m) = &mut payload {
-                    m.insert("published_at".into(), now_rfc3339().into());
-                }
-                let qos = if entry.qos >= 2 { QoS::ExactlyOnce } else { QoS::AtLeastOnce };
-                let bytes = payload.to_string().into_bytes();
-                if let Err(e) = self.client.try_publish(entry.topic.as_str(), qos, entry.retain, bytes) {
-                    tracing::warn!(id, error = %e, "publish not queued; retrying shortly");
-                    self.retry_fill = Some(Instant::now() + Duration::from_millis(100));
-                    self.publish_in_flight();
-                    return;
-                }
-                self.cursor = Some(id);
-                self.sent.push_back(Tag::Outbox(id));
-                self.outstanding += 1;
-                self.ctx.state.send_modify(|s| s.published += 1);
+            let Some(entry) = self.ahead.pop_front() else { break };
+            let id = entry.id;
+            let mut payload = entry.payload;
+            if let serde_json::Value::Object(m) = &mut payload {
+                m.insert("published_at".into(), now_rfc3339().into());
             }
-            if n < room {
+            let qos = if entry.qos >= 2 { QoS::ExactlyOnce } else { QoS::AtLeastOnce };
+            let bytes = payload.to_string().into_bytes();
+            if let Err(e) = self.client.try_publish(entry.topic.as_str(), qos, entry.retain, bytes) {
+                tracing::warn!(id, error = %e, "publish not queued; retrying shortly");
+                if let serde_json::Value::Object(m) = &mut payload {
+                    m.remove("published_at");
+                }
+                self.ahead.push_front(crate::outbox::Entry { payload, ..entry });
+                self.retry_fill = Some(Instant::now() + Duration::from_millis(100));
                 break;
             }
+            self.sent.push_back(Tag::Outbox(id));
+            self.outstanding += 1;
+            self.ctx.state.send_modify(|s| s.published += 1);
         }
         self.publish_in_flight();
+        if reading.is_none() && self.more && self.ahead.len() < self.ctx.max_in_flight {
+            let limit = READ_AHEAD_WINDOWS * self.ctx.max_in_flight - self.ahead.len();
+            let (outbox, after) = (self.ctx.outbox.clone(), self.cursor);
+            self.changed_while_reading = false;
+            *reading = Some(Box::pin(async move { (limit, outbox.next_batch(after, limit).await) }));
+        }
+    }
+
+    /// Takes the answer of a background read into the read-ahead.
+    fn on_read(&mut self, limit: usize, r: Result<Vec<crate::outbox::Entry>, OutboxError>) {
+        let batch = match r {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "reading the outbox failed; retrying");
+                self.retry_fill = Some(Instant::now() + OUTBOX_RETRY);
+                return;
+            }
+        };
+        self.more = batch.len() >= limit || std::mem::take(&mut self.changed_while_reading);
+        for entry in batch {
+            self.cursor = Some(entry.id);
+            if !valid_topic(&entry.topic) {
+                // The outbox refuses such topics; an old or edited database could still hold one.
+                tracing::error!(id = entry.id, topic = %entry.topic, "unpublishable outbox entry skipped (left in place)");
+                continue;
+            }
+            self.ahead.push_back(entry);
+        }
+        self.want_fill = true;
     }
 
     fn publish_in_flight(&self) {

@@ -68,3 +68,57 @@ fn model_verify_requires_a_key_or_an_explicit_opt_out() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not trusted"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `attrd bench` runs the daemon's path end to end against a real mosquitto: every photo's result reaches a
+/// subscriber, and the report carries the throughput and every stage's latency. An unreachable broker is a clear
+/// error, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_the_daemon_path_end_to_end_and_reports_stage_latencies() {
+    let broker = crate::common::Mosquitto::start();
+    let sub = crate::mqtt::Sub::start(broker.port, "it-bench-sub", &["attrd/it-bench/results/#"], false).await;
+    let images = crate::common::repo().join("config/demo-images");
+    let expected = std::fs::read_dir(&images).unwrap().count();
+    let out = attrd()
+        .args(["bench", "--bundle"])
+        .arg(crate::common::repo().join("models/fashion-lite0-int8"))
+        .arg("--trusted-key")
+        .arg(crate::common::repo().join("config/keys/attrd-demo.pub"))
+        .arg("--images")
+        .arg(&images)
+        .args(["--node", "it-bench", "--batch", "4", "--json", "--mqtt-port", &broker.port.to_string()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(r["images"], expected);
+    assert_eq!(r["results"], expected);
+    assert_eq!(r["failed"], 0);
+    assert_eq!(r["precision"], "int8");
+    assert!(r["images_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    for stage in ["preprocess", "queue", "infer", "store", "total"] {
+        let q = &r["latency_ms"][stage];
+        let (p50, p99) = (q["p50"].as_f64().unwrap(), q["p99"].as_f64().unwrap());
+        assert!(0.0 <= p50 && p50 <= p99 && p99 <= q["max"].as_f64().unwrap(), "{stage}: {q}");
+    }
+    assert!(r["latency_ms"]["infer"]["p50"].as_f64().unwrap() > 0.0, "{r}");
+    // Every result was acknowledged by the broker before the report, so the subscriber gets every SKU.
+    let msgs = sub.wait_for("every bench result", 30, |m| m.len() >= expected).await;
+    let skus: std::collections::BTreeSet<String> =
+        msgs.iter().map(|m| m.json()["sku"].as_str().unwrap().to_string()).collect();
+    assert_eq!(skus.len(), expected, "{skus:?}");
+    assert!(skus.contains("SKU1163_front"), "{skus:?}");
+
+    let port = crate::common::free_port();
+    let out = attrd()
+        .args(["bench", "--bundle"])
+        .arg(crate::common::repo().join("models/fashion-lite0-int8"))
+        .arg("--images")
+        .arg(&images)
+        .args(["--mqtt-port", &port.to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("cannot reach the MQTT broker at 127.0.0.1:{port}")), "{stderr}");
+}

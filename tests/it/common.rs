@@ -101,10 +101,12 @@ impl Mosquitto {
         self.stop();
         let d = self.dir.path();
         let conf = d.join("mosquitto.conf");
+        // `user root`: started as root (CI containers), mosquitto would otherwise switch to the `mosquitto` user and
+        // could not write its persistence file or log into this private directory. Ignored when not root.
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\n{listener}\nallow_anonymous true\npersistence {persist}\n\
+                "listener {port} 127.0.0.1\n{listener}\nallow_anonymous true\npersistence {persist}\nuser root\n\
                  persistence_location {dir}/\nlog_dest file {dir}/mosquitto.log\nlog_type all\n",
                 port = self.port,
                 listener = self.listener_conf,

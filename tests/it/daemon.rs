@@ -3,14 +3,15 @@
 use crate::common::{Mosquitto, fashion_rows, free_port, imagenet_bundle, repo};
 use crate::mqtt::Sub;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-struct Node {
-    dir: tempfile::TempDir,
-    name: String,
-    config: PathBuf,
+/// One node's state directory and configuration (also used by `soak`).
+pub(crate) struct Node {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) name: String,
+    pub(crate) config: PathBuf,
     http_port: u16,
 }
 
@@ -26,6 +27,15 @@ impl Node {
 
     /// `engine`: the `[engine]` table's lines; `models_extra`: more lines for `[models]`.
     fn with_tables(name: &str, mqtt_port: u16, engine: &str, models_extra: &str) -> Self {
+        Self::build(name, mqtt_port, engine, models_extra, &imagenet_bundle())
+    }
+
+    /// A node that bootstraps `bundle` instead of the ImageNet one (the soak uses the faster default fashion model).
+    pub(crate) fn with_bundle(name: &str, mqtt_port: u16, bundle: &Path) -> Self {
+        Self::build(name, mqtt_port, "providers = [\"cpu\"]", "", bundle)
+    }
+
+    fn build(name: &str, mqtt_port: u16, engine: &str, models_extra: &str, bundle: &Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let http_port = free_port();
         let config = dir.path().join("attrd.toml");
@@ -57,7 +67,7 @@ reconnect_max = "500ms"
 listen = "127.0.0.1:{http_port}"
 "#,
                 key = repo().join("config/keys/attrd-demo.pub").display(),
-                bundle = imagenet_bundle().display(),
+                bundle = bundle.display(),
             ),
         )
         .unwrap();
@@ -65,24 +75,27 @@ listen = "127.0.0.1:{http_port}"
         Node { dir, name: name.into(), config, http_port }
     }
 
-    fn hot(&self) -> PathBuf {
+    pub(crate) fn hot(&self) -> PathBuf {
         self.dir.path().join("hot")
     }
 
-    fn start(&self) -> Daemon {
+    /// Starts `attrd run`; its log is appended to `attrd.log`, so the log of every start survives a restart.
+    pub(crate) fn start(&self) -> Daemon {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("attrd.log")).unwrap();
         Daemon(
             Command::new(env!("CARGO_BIN_EXE_attrd"))
                 .args(["run", "--config"])
                 .arg(&self.config)
                 .env("ATTRD_LOG", "info,ort=warn")
                 .stdout(Stdio::null())
-                .stderr(std::fs::File::create(self.dir.path().join("attrd.log")).unwrap())
+                .stderr(log)
                 .spawn()
                 .unwrap(),
         )
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("attrd.log")).unwrap_or_default()
     }
 
@@ -97,7 +110,7 @@ listen = "127.0.0.1:{http_port}"
         }
     }
 
-    fn files_in(&self, sub: &str) -> BTreeSet<String> {
+    pub(crate) fn files_in(&self, sub: &str) -> BTreeSet<String> {
         let d = if sub.is_empty() { self.hot() } else { self.hot().join(sub) };
         std::fs::read_dir(d)
             .map(|r| {
@@ -111,7 +124,7 @@ listen = "127.0.0.1:{http_port}"
 }
 
 /// The daemon process; killed when dropped, so a failing test does not leave it running.
-struct Daemon(Child);
+pub(crate) struct Daemon(Child);
 
 impl std::ops::Deref for Daemon {
     type Target = Child;
@@ -138,7 +151,12 @@ fn skus(prefix: &str, n: usize) -> Vec<String> {
 }
 
 async fn wait_ready(node: &Node, child: &mut Child) {
-    for _ in 0..300 {
+    wait_ready_within(node, child, 15).await
+}
+
+/// Waits until the node's HTTP port accepts connections; panics with the log if it exits or `secs` pass.
+pub(crate) async fn wait_ready_within(node: &Node, child: &mut Child, secs: u64) {
+    for _ in 0..secs * 20 {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("attrd exited early ({status}):\n{}", node.log());
         }

@@ -1,4 +1,5 @@
 //! The attrd crate's single integration-test binary; each module covers one area.
+mod alarm;
 mod bundle;
 mod cli;
 mod common;
@@ -11,5 +12,6 @@ mod mqtt;
 mod outbox;
 mod pipeline;
 mod preprocess;
+mod soak;
 mod sources;
 mod systemd;

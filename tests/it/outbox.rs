@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use attrd::outbox::{FullPolicy, Outbox, OutboxConfig, OutboxError};
+use attrd::outbox::{FullPolicy, NewMessage, Outbox, OutboxConfig, OutboxError};
 use serde_json::json;
 
 fn cfg(dir: &Path) -> OutboxConfig {
@@ -103,6 +103,45 @@ async fn concurrent_enqueues_get_unique_increasing_seq() {
     assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=64).collect::<Vec<_>>(), "seq follows id order");
     assert_eq!(got.iter().map(|e| e.message_id).collect::<HashSet<_>>().len(), 64);
     assert_eq!(o.depth().messages, 64);
+}
+
+/// A group stored with `enqueue_many`: one verdict per message in order, bad messages refused on their own, a
+/// waiting duplicate id answered with the stored message, and a full outbox refusing only what does not fit.
+#[tokio::test]
+async fn enqueue_many_judges_each_message_and_commits_the_rest_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outbox::open(&OutboxConfig { max_messages: 4, ..cfg(dir.path()) }).unwrap();
+    let msg = |topic: &str, payload: serde_json::Value, id: u128| NewMessage {
+        topic: topic.into(),
+        payload,
+        qos: 1,
+        retain: false,
+        message_id: uuid::Uuid::from_u128(id),
+    };
+    let first = o.enqueue_with_id("attrd/it/results/a".into(), json!({"i": 0}), 1, false, uuid::Uuid::from_u128(1));
+    let first = first.await.unwrap();
+    let out = o
+        .enqueue_many(vec![
+            msg("attrd/it/results/b", json!({"i": 1}), 2),
+            msg("attrd/it/results/+", json!({"i": 2}), 3),
+            msg("attrd/it/results/c", json!([1, 2]), 4),
+            msg("attrd/it/results/a", json!({"i": 0}), 1),
+            msg("attrd/it/results/d", json!({"i": 3}), 5),
+            msg("attrd/it/results/e", json!({"i": 4}), 6),
+            msg("attrd/it/results/f", json!({"i": 5}), 7),
+        ])
+        .await;
+    assert_eq!(out.len(), 7);
+    assert_eq!(out[0].as_ref().unwrap().seq, 2);
+    assert!(matches!(out[1], Err(OutboxError::InvalidTopic(_))), "{:?}", out[1]);
+    assert!(matches!(out[2], Err(OutboxError::NotAnObject("an array"))), "{:?}", out[2]);
+    assert_eq!(out[3].as_ref().unwrap(), &first, "a waiting id is not stored twice");
+    assert_eq!(out[4].as_ref().unwrap().seq, 3);
+    assert_eq!(out[5].as_ref().unwrap().seq, 4);
+    assert!(matches!(out[6], Err(OutboxError::Full { messages: 4, .. })), "{:?}", out[6]);
+    let stored = o.next_batch(None, 100).await.unwrap();
+    assert_eq!(stored.iter().map(|e| e.payload["i"].as_i64().unwrap()).collect::<Vec<_>>(), [0, 1, 3, 4]);
+    assert!(o.enqueue_many(Vec::new()).await.is_empty());
 }
 
 #[tokio::test]
