@@ -179,7 +179,7 @@ async fn run_async(opts: BenchOptions) -> Result<BenchReport> {
         stored.join_all().await
     });
 
-    let pipeline = Pipeline::spawn(engine, opts.pipeline.clone(), topics_node(&opts.mqtt), finished_tx)
+    let pipeline = Pipeline::spawn(engine, opts.pipeline.clone(), opts.mqtt.node_name(), finished_tx)
         .context("starting the pipeline")?;
     let n = opts.images.len();
     let started = Instant::now();
@@ -250,8 +250,4 @@ async fn run_async(opts: BenchOptions) -> Result<BenchReport> {
         images_per_s: n as f64 / seconds,
         latency_ms,
     })
-}
-
-fn topics_node(mqtt: &MqttConfig) -> String {
-    mqtt.node_name()
 }

@@ -5,7 +5,7 @@
 //! limit fails with `EFBIG`, as writes fail with `ENOSPC` on a full disk, and raising the limit again is space
 //! returning. The daemon starts with `SIGXFSZ` ignored (`trap '' XFSZ`), as the signal's default action would kill it.
 
-use crate::common::{Mosquitto, fashion_rows, repo};
+use crate::common::{Mosquitto, repo};
 use crate::daemon::{Node, wait_ready_within};
 use crate::mqtt::Sub;
 use std::io::Read;
@@ -40,14 +40,6 @@ fn http_port(node: &Node) -> u16 {
     let cfg = std::fs::read_to_string(&node.config).unwrap();
     let listen = cfg.lines().find_map(|l| l.strip_prefix("listen = \"127.0.0.1:")).unwrap();
     listen.trim_end_matches('"').parse().unwrap()
-}
-
-fn drop_photos(node: &Node, skus: &[String], skip: usize) {
-    for (sku, (_, path, _)) in skus.iter().zip(fashion_rows().iter().skip(skip)) {
-        let tmp = node.hot().join(format!(".{sku}.part"));
-        std::fs::copy(path, &tmp).unwrap();
-        std::fs::rename(&tmp, node.hot().join(format!("{sku}_front.jpg"))).unwrap();
-    }
 }
 
 fn result_skus(sub: &Sub, node: &str) -> std::collections::BTreeSet<String> {
@@ -95,13 +87,13 @@ async fn a_full_disk_raises_an_alarm_keeps_every_photo_and_recovers_when_space_r
     assert_eq!(metric(port, alarm_series), Some(0.0));
 
     let before: Vec<String> = (0..3).map(|i| format!("DISKA{i}")).collect();
-    drop_photos(&node, &before, 300);
+    node.drop_photos(&before);
     sub.wait_for("results before the disk fills", 60, |_| result_skus(&sub, "it-disk").len() == 3).await;
 
     // The disk is full.
     prlimit_fsize(child.0.id(), "1024");
     let during: Vec<String> = (0..4).map(|i| format!("DISKB{i}")).collect();
-    drop_photos(&node, &during, 310);
+    node.drop_photos(&during);
     for _ in 0..600 {
         if logged("ALARM results cannot be stored in the outbox") {
             break;

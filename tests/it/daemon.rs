@@ -100,7 +100,7 @@ listen = "127.0.0.1:{http_port}"
     }
 
     /// Copies real product photos in as `<SKU>_front.jpg`; returns the SKUs.
-    fn drop_photos(&self, skus: &[String]) {
+    pub(crate) fn drop_photos(&self, skus: &[String]) {
         let rows = fashion_rows();
         for (sku, (_, path, _)) in skus.iter().zip(rows.iter().skip(100)) {
             // Written under a dot-name first and renamed, like tethering software does, so no half file is seen.
