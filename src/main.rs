@@ -65,6 +65,9 @@ struct BenchArgs {
     /// Most images per inference call (the pipeline's `max_batch`).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
     batch: u16,
+    /// Whether ORT's intra-op threads spin between operators (`engine.intra_spinning`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    spin: bool,
     /// Photos decoded at once (the pipeline's `decode_workers`; default one per CPU core).
     #[arg(long)]
     decode_workers: Option<usize>,
@@ -365,6 +368,7 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         images,
         providers: args.providers,
         threads: args.threads,
+        spin: args.spin,
         pipeline,
         mqtt,
     })?;

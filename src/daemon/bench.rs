@@ -35,6 +35,8 @@ pub(crate) struct BenchOptions {
     pub providers: Vec<Provider>,
     /// ONNX Runtime intra-op threads (0 = ORT's default).
     pub threads: usize,
+    /// Whether those threads spin between operators.
+    pub spin: bool,
     /// Pipeline settings (batching, decode workers).
     pub pipeline: PipelineConfig,
     /// Broker to publish to.
@@ -68,6 +70,7 @@ pub(crate) struct BenchReport {
     results: usize,
     failed: usize,
     threads: usize,
+    spin: bool,
     max_batch: usize,
     decode_workers: usize,
     seconds: f64,
@@ -126,8 +129,12 @@ pub(crate) fn run(opts: BenchOptions) -> Result<BenchReport> {
 }
 
 async fn run_async(opts: BenchOptions) -> Result<BenchReport> {
-    let cfg =
-        EngineConfig { providers: opts.providers.clone(), intra_threads: opts.threads, ..EngineConfig::default() };
+    let cfg = EngineConfig {
+        providers: opts.providers.clone(),
+        intra_threads: opts.threads,
+        intra_spinning: opts.spin,
+        ..EngineConfig::default()
+    };
     let bundle = opts.bundle;
     let label = bundle.label();
     let engine = tokio::task::spawn_blocking(move || Engine::load(&bundle, &cfg))
@@ -244,6 +251,7 @@ async fn run_async(opts: BenchOptions) -> Result<BenchReport> {
         results: samples.len(),
         failed,
         threads: opts.threads,
+        spin: opts.spin,
         max_batch: opts.pipeline.max_batch,
         decode_workers: opts.pipeline.decode_workers,
         seconds,

@@ -68,6 +68,12 @@ pub struct EngineConfig {
     pub providers: Vec<Provider>,
     /// Threads ONNX Runtime uses inside one operator; 0 lets ORT choose (one per physical core).
     pub intra_threads: usize,
+    /// Let those threads spin-wait for work between operators instead of sleeping (ORT's
+    /// `session.intra_op.allow_spinning`, on by default as in ORT). Measured end to end on 2 cores
+    /// (`docs/benchmarks.md`, P1): spinning is 10–15 % faster when inference is the bottleneck (small photos), and
+    /// 10–15 % slower when decoding is (studio photos), because the spinning threads take the cores the decode
+    /// workers need. Turn it off on small boxes that mostly decode large photos.
+    pub intra_spinning: bool,
     /// Path of `libonnxruntime.so`. Unset: `ORT_DYLIB_PATH`, then `../lib/` and the directory of the executable, then
     /// the system's library search path.
     pub ort_library: Option<PathBuf>,
@@ -92,6 +98,7 @@ impl Default for EngineConfig {
         Self {
             providers: vec![Provider::Cuda, Provider::TensorRt, Provider::Cpu],
             intra_threads: 0,
+            intra_spinning: true,
             ort_library: None,
             device_id: 0,
             tensorrt_cache_dir: None,
@@ -315,6 +322,7 @@ impl Engine {
         if cfg.intra_threads > 0 {
             builder = builder.with_intra_threads(cfg.intra_threads).map_err(ort_err)?;
         }
+        builder = builder.with_intra_op_spinning(cfg.intra_spinning).map_err(ort_err)?;
         let mut fallbacks = Vec::new();
         let mut active = None;
         for p in chain {

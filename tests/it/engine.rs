@@ -150,3 +150,21 @@ async fn async_inference_matches_blocking() {
     let b = tokio::task::spawn_blocking(move || engine.infer_blocking(batch)).await.unwrap().unwrap();
     assert_eq!(a.logits, b.logits);
 }
+
+/// Threads that sleep between operators (`intra_spinning = false`, for decode-bound boxes) compute the same logits,
+/// with two intra-op threads so the setting has a pool to act on.
+#[test]
+fn intra_op_spinning_off_gives_the_same_results() {
+    let (bundle, engine) = engine();
+    let pre = Preprocessor::new(bundle.manifest().input.clone(), Limits::default()).unwrap();
+    let photos: Vec<_> = fashion_rows().into_iter().take(4).map(|r| pre.prepare_path(&r.1).unwrap()).collect();
+    let batch = pre.batch(&photos);
+    let sleepy =
+        Engine::load(bundle, &EngineConfig { intra_threads: 2, intra_spinning: false, ..EngineConfig::cpu() }).unwrap();
+    assert!(EngineConfig::default().intra_spinning, "ORT's default stays the default");
+    let (a, b) = (engine.infer_blocking(batch.clone()).unwrap(), sleepy.infer_blocking(batch).unwrap());
+    for (x, y) in a.logits.iter().zip(&b.logits) {
+        let diff = x.iter().zip(y.iter()).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "max |Δlogit| {diff}");
+    }
+}
