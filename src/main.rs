@@ -339,18 +339,20 @@ fn open_bundle(dir: &Path, trusted_keys: &[PathBuf], allow_unsigned: bool) -> Re
 
 fn bench(args: BenchArgs) -> Result<ExitCode> {
     let bundle = open_bundle(&args.bundle, &args.trusted_keys, args.trusted_keys.is_empty())?;
+    // The photos a hot folder would take by default.
+    let extensions = attrd::sources::HotfolderConfig::default().extensions;
     let mut images: Vec<PathBuf> = std::fs::read_dir(&args.images)
         .with_context(|| format!("reading {}", args.images.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-            p.is_file() && matches!(ext.as_str(), "jpg" | "jpeg" | "png" | "webp")
+            p.is_file() && extensions.contains(&ext)
         })
         .collect();
     images.sort();
     images.truncate(args.limit.unwrap_or(usize::MAX));
     if images.is_empty() {
-        bail!("{} has no .jpg, .jpeg, .png or .webp files", args.images.display());
+        bail!("{} has no photos (extensions {})", args.images.display(), extensions.join(", "));
     }
     let mut pipeline = attrd::pipeline::PipelineConfig { max_batch: usize::from(args.batch), ..Default::default() };
     if let Some(w) = args.decode_workers {

@@ -388,9 +388,11 @@ impl Metrics {
 
     /// Clears `alarm`; returns it if it was raised (so the caller logs the all-clear once).
     pub fn clear(&self, alarm: Alarm) -> Option<RaisedAlarm> {
-        let mut raised = self.inner.raised.lock().unwrap_or_else(PoisonError::into_inner);
+        // Called for every stored result: when nothing is raised this is one map lookup; the gauge is only ever 1
+        // while the alarm is in the map.
+        let was = self.inner.raised.lock().unwrap_or_else(PoisonError::into_inner).remove(&alarm)?;
         self.inner.alarm.get_or_create(&AlarmLabels { alarm }).set(0);
-        raised.remove(&alarm)
+        Some(was)
     }
 
     /// The alarms raised now.

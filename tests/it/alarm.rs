@@ -6,22 +6,12 @@
 //! returning. The daemon starts with `SIGXFSZ` ignored (`trap '' XFSZ`), as the signal's default action would kill it.
 
 use crate::common::{Mosquitto, repo};
-use crate::daemon::{Node, wait_ready_within};
+use crate::daemon::{Daemon, Node, wait_ready_within};
 use crate::mqtt::Sub;
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Kills the daemon when the test ends, passed or failed.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn prlimit_fsize(pid: u32, limit: &str) {
     let st = Command::new("prlimit").args(["--pid", &pid.to_string(), &format!("--fsize={limit}:unlimited")]).status();
@@ -34,12 +24,6 @@ fn metric(port: u16, series: &str) -> Option<f64> {
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     body.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-}
-
-fn http_port(node: &Node) -> u16 {
-    let cfg = std::fs::read_to_string(&node.config).unwrap();
-    let listen = cfg.lines().find_map(|l| l.strip_prefix("listen = \"127.0.0.1:")).unwrap();
-    listen.trim_end_matches('"').parse().unwrap()
 }
 
 fn result_skus(sub: &Sub, node: &str) -> std::collections::BTreeSet<String> {
@@ -80,9 +64,9 @@ async fn a_full_disk_raises_an_alarm_keeps_every_photo_and_recovers_when_space_r
     });
     let logged = |what: &str| log.lock().unwrap().contains(what);
     let log_text = || log.lock().unwrap().clone();
-    let mut child = KillOnDrop(child);
-    wait_ready_within(&node, &mut child.0, 30).await;
-    let port = http_port(&node);
+    let mut child = Daemon(child);
+    wait_ready_within(&node, &mut child, 30).await;
+    let port = node.http_port;
     let alarm_series = "attrd_alarm{alarm=\"outbox_unwritable\"}";
     assert_eq!(metric(port, alarm_series), Some(0.0));
 
@@ -91,7 +75,7 @@ async fn a_full_disk_raises_an_alarm_keeps_every_photo_and_recovers_when_space_r
     sub.wait_for("results before the disk fills", 60, |_| result_skus(&sub, "it-disk").len() == 3).await;
 
     // The disk is full.
-    prlimit_fsize(child.0.id(), "1024");
+    prlimit_fsize(child.id(), "1024");
     let during: Vec<String> = (0..4).map(|i| format!("DISKB{i}")).collect();
     node.drop_photos(&during);
     for _ in 0..600 {
@@ -114,13 +98,13 @@ async fn a_full_disk_raises_an_alarm_keeps_every_photo_and_recovers_when_space_r
     assert!(reason.contains("outbox database operation failed"), "{reason}");
     // Nothing was lost: the photos wait in the hot folder, none went to failed/, and the daemon runs on.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(child.0.try_wait().unwrap().is_none(), "attrd died:\n{}", log_text());
+    assert!(child.try_wait().unwrap().is_none(), "attrd died:\n{}", log_text());
     assert_eq!(node.files_in("").len(), 4, "{:?}\n{}", node.files_in(""), log_text());
     assert!(node.files_in("failed").is_empty(), "{:?}", node.files_in("failed"));
     assert_eq!(result_skus(&sub, "it-disk").len(), 3);
 
     // Space returns: the waiting photos are stored and published, and the alarm clears.
-    prlimit_fsize(child.0.id(), "unlimited");
+    prlimit_fsize(child.id(), "unlimited");
     sub.wait_for("every photo's result after space returned", 120, |_| result_skus(&sub, "it-disk").len() == 7).await;
     for _ in 0..200 {
         if logged("alarm cleared") && metric(port, alarm_series) == Some(0.0) && node.files_in("").is_empty() {

@@ -12,7 +12,7 @@ pub(crate) struct Node {
     pub(crate) dir: tempfile::TempDir,
     pub(crate) name: String,
     pub(crate) config: PathBuf,
-    http_port: u16,
+    pub(crate) http_port: u16,
 }
 
 impl Node {
@@ -124,7 +124,7 @@ listen = "127.0.0.1:{http_port}"
 }
 
 /// The daemon process; killed when dropped, so a failing test does not leave it running.
-pub(crate) struct Daemon(Child);
+pub(crate) struct Daemon(pub(crate) Child);
 
 impl std::ops::Deref for Daemon {
     type Target = Child;
