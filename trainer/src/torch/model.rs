@@ -299,7 +299,7 @@ impl EffNet {
     /// with weight `[classes, 1280]`, in the given order; `dropout` is applied independently before each head.
     ///
     /// Fresh variables are initialised as torchvision does (Kaiming-normal fan-out convs, unit/zero batch norm,
-    /// uniform ±1/√classes head weights, zero biases).
+    /// zero head weights and biases, so an untrained model predicts the uniform distribution).
     pub fn new(
         vs: &nn::Path,
         arch: Arch,
@@ -342,12 +342,11 @@ impl EffNet {
             .map(|(name, classes)| {
                 let p = heads_path.sub(name);
                 let c = *classes as i64;
-                let r = 1.0 / (c as f64).sqrt();
-                let weight = p.set_group(GROUP_HEAD_DECAY).f_var(
-                    "weight",
-                    &[c, FEATURE_DIM as i64],
-                    Init::Uniform { lo: -r, up: r },
-                );
+                // Zero, not torchvision's ±1/√classes: pooled features are large (1280 values up to 6), so a random
+                // head starts with logits of several units and a loss of 4-7 where ln(classes) is due. That first
+                // shock went back into the pretrained backbone and made short fine-tunes unstable (BiT zero-inits
+                // its heads for the same reason). A linear layer has no symmetry to break, so zero is safe.
+                let weight = p.set_group(GROUP_HEAD_DECAY).f_var("weight", &[c, FEATURE_DIM as i64], Init::Const(0.0));
                 let bias = p.set_group(GROUP_HEAD_NO_DECAY).f_var("bias", &[c], Init::Const(0.0));
                 Ok(Head { name: name.clone(), classes: *classes, weight: weight?, bias: bias? })
             })

@@ -39,12 +39,19 @@ fn items(dir: &Path, n: usize) -> (Vec<HeadSpec>, Vec<ItemSpec>) {
     (heads, items)
 }
 
+/// The model `fit` starts from: the backbone with fresh heads.
+fn untrained_model(backbone: &weights::Backbone, heads: &[HeadSpec]) -> trainer::torch::EffNet {
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let specs: Vec<(String, usize)> = heads.iter().map(|h| (h.name.clone(), h.classes.len())).collect();
+    trainer::torch::EffNet::from_backbone(&mut vs, backbone, &specs, 0.2).unwrap()
+}
+
 fn config(epochs: usize) -> TrainConfig {
     let mut cfg: TrainConfig = toml::from_str(
         r#"
         epochs = 2
         batch_size = 32
-        lr = 0.003
+        lr = 0.001
         warmup_epochs = 0.25
         device = "cpu"
         repeat_factor_threshold = 0.0
@@ -91,15 +98,29 @@ fn a_short_fine_tune_lowers_the_loss_writes_checkpoints_and_resumes() {
     let s: &RunState = &second.state;
     assert_eq!(s.epochs_done, 2);
     assert_eq!(s.log.len(), 2);
-    let (l1, l2) = (s.log[0].train_loss, s.log[1].train_loss);
-    assert!(l1.is_finite() && l2 < l1, "training loss did not fall: {l1} -> {l2}");
-    // Each head learns, the gender head (one label in seven masked out) included. Its validation accuracy is no
-    // signal after two short epochs: 48 of the 55 validation items are "Men", and it swung between 0.47 and 0.6+
-    // from run to run with multithreaded CPU kernels.
-    for h in 0..2 {
-        let (a, b) = (s.log[0].head_loss[h], s.log[1].head_loss[h]);
-        assert!(a.is_finite() && b < a, "head {h} loss did not fall: {a} -> {b}; {:?}", s.log);
+    // Fresh heads are zero, so the untrained model predicts the uniform distribution and its loss is ln(classes)
+    // per head (label smoothing keeps that value). Each head, the gender head with one label in seven masked out
+    // included, must end well below it. Epoch-to-epoch differences are no signal here: after warm-up both short
+    // epochs sit within a few percent of each other, and which one is lower changed with the CPU thread count.
+    let ln_k: Vec<f64> = heads.iter().map(|h| (h.classes.len() as f64).ln()).collect();
+    let untrained =
+        fit::predict(&untrained_model(&backbone, &heads), val, &heads, &pre, tch::Device::Cpu, 32, false, false)
+            .unwrap();
+    for (h, p) in untrained.iter().enumerate() {
+        let uniform = 1.0 / heads[h].classes.len() as f32;
+        assert!(p.iter().all(|&v| (v - uniform).abs() < 1e-6), "untrained head {h} is not uniform");
     }
+    assert_eq!(s.log[1].head_loss.len(), ln_k.len());
+    for (h, (&last, &ln)) in s.log[1].head_loss.iter().zip(&ln_k).enumerate() {
+        assert!(
+            last.is_finite() && last < 0.8 * ln,
+            "head {h} loss {last} not below 0.8 ln k = {}; {:?}",
+            0.8 * ln,
+            s.log
+        );
+    }
+    let total = s.log[1].train_loss;
+    assert!(total < 0.8 * ln_k.iter().sum::<f64>(), "training loss {total} vs untrained {}", ln_k.iter().sum::<f64>());
     for f in [fit::RUN_FILE, fit::LAST_WEIGHTS, fit::BEST_WEIGHTS, fit::METRICS_CSV] {
         assert!(out.path().join(f).is_file(), "{f} missing");
     }
