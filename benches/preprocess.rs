@@ -41,6 +41,7 @@ fn main() -> anyhow::Result<()> {
             "width": decoded.original_width,
             "height": decoded.original_height,
             "dct_scale": decoded.dct_scale,
+            "codec": format!("{:?}", decoded.codec),
             "iterations": iterations,
             "median_ms": q(0.5),
             "p90_ms": q(0.9),

@@ -22,11 +22,41 @@ pub struct Decoded {
     pub original_width: u32,
     /// Full-resolution height as displayed (after EXIF orientation), from the header.
     pub original_height: u32,
-    /// 1, 2, 4 or 8: a JPEG decoded at 1/`dct_scale` resolution in the DCT domain (currently at most 4, see
-    /// `resize::MAX_DCT_REDUCTION`); always 1 for PNG and WebP.
+    /// 1, 2, 4 or 8: a JPEG decoded at 1/`dct_scale` resolution in the DCT domain (at most 4 when jpeg-decoder
+    /// decoded it, see `resize::MAX_DCT_REDUCTION`); always 1 for PNG and WebP.
     pub dct_scale: u8,
     /// EXIF orientation that was applied, 1..=8 (1 = none or no EXIF).
     pub orientation: u8,
+    /// The library that produced the pixels.
+    pub codec: Codec,
+}
+
+impl Decoded {
+    /// A decoded JPEG: `rgb` as stored, of a `stored` (header) size image, turned upright here.
+    pub(super) fn jpeg(rgb: RgbImage, stored: (u32, u32), dct_scale: u8, orientation: u8, codec: Codec) -> Self {
+        let (original_width, original_height) = oriented(stored.0, stored.1, orientation);
+        Decoded {
+            image: apply_orientation(rgb, orientation),
+            format: ImageKind::Jpeg,
+            original_width,
+            original_height,
+            dct_scale,
+            orientation,
+            codec,
+        }
+    }
+}
+
+/// The decoder behind a [`Decoded`] image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// libjpeg-turbo: ordinary JPEGs (8-bit YCbCr, grey or RGB) it decodes without a warning.
+    LibjpegTurbo,
+    /// jpeg-decoder (pure Rust): every other JPEG (CMYK, lossless, 12-bit, damaged), or all of them when built
+    /// without the `turbojpeg` feature.
+    JpegDecoder,
+    /// The `image` crate: PNG and WebP.
+    Image,
 }
 
 /// The whole decode step, with the limits enforced. Never panics: a panic inside a third-party decoder on hostile
@@ -128,7 +158,7 @@ fn check_pixels(width: u32, height: u32, limits: &Limits) -> Result<(), Preproce
 }
 
 /// Width and height as displayed once `orientation` is applied (5..=8 swap the axes).
-fn oriented(width: u32, height: u32, orientation: u8) -> (u32, u32) {
+pub(super) fn oriented(width: u32, height: u32, orientation: u8) -> (u32, u32) {
     if (5..=8).contains(&orientation) { (height, width) } else { (width, height) }
 }
 
@@ -136,6 +166,11 @@ fn oriented(width: u32, height: u32, orientation: u8) -> (u32, u32) {
 // JPEG
 
 fn decode_jpeg(bytes: &[u8], spec: &InputSpec, limits: &Limits) -> Result<Decoded, PreprocessError> {
+    #[cfg(feature = "turbojpeg")]
+    match super::turbo::decode(bytes, spec, limits) {
+        Ok(decoded) => return Ok(decoded),
+        Err(reason) => tracing::debug!(%reason, "libjpeg-turbo declined the file; decoding it with jpeg-decoder"),
+    }
     let len = bytes.len();
     let mut decoder = jpeg_decoder::Decoder::new(bytes);
     // Header only (markers up to the frame header): nothing proportional to the pixel count is allocated yet.
@@ -185,15 +220,7 @@ fn decode_jpeg(bytes: &[u8], spec: &InputSpec, limits: &Limits) -> Result<Decode
     let pixels = decoder.decode().map_err(|e| jpeg_error(e, len))?;
     let orientation = decoder.exif_data().and_then(exif_orientation).unwrap_or(header_orientation);
     let rgb = jpeg_to_rgb(pixels, dw, dh, out_info.pixel_format, bytes)?;
-    let (original_width, original_height) = oriented(width, height, orientation);
-    Ok(Decoded {
-        image: apply_orientation(rgb, orientation),
-        format: ImageKind::Jpeg,
-        original_width,
-        original_height,
-        dct_scale,
-        orientation,
-    })
+    Ok(Decoded::jpeg(rgb, (width, height), dct_scale, orientation, Codec::JpegDecoder))
 }
 
 /// Size of one axis decoded at 1/`dct_scale`, as jpeg-decoder computes it (partial blocks round up).
@@ -289,23 +316,39 @@ fn rescale_lut(precision: u8) -> [u8; 256] {
     std::array::from_fn(|v| ((v as u32).min(max) * 255 / max) as u8)
 }
 
-/// Sample precision from the JPEG frame header (SOFn), by walking the marker segments.
+/// Sample precision from the JPEG frame header (SOFn).
 fn sof_precision(bytes: &[u8]) -> Option<u8> {
+    jpeg_segments(bytes)
+        .find(|(marker, _)| matches!(marker, 0xc0..=0xcf) && !matches!(marker, 0xc4 | 0xc8 | 0xcc))
+        .and_then(|(_, payload)| payload.first().copied())
+}
+
+/// The marker segments before the first scan, as (marker, payload) pairs, by walking the segment lengths. Ends
+/// quietly at anything malformed: callers only look for optional metadata.
+pub(super) fn jpeg_segments(bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     let mut i = 2;
-    while i + 4 <= bytes.len() {
-        if bytes[i] != 0xff {
-            return None;
+    std::iter::from_fn(move || {
+        loop {
+            if i + 4 > bytes.len() || bytes[i] != 0xff {
+                return None;
+            }
+            let marker = bytes[i + 1];
+            match marker {
+                0xff => i += 1, // fill byte
+                0x01 | 0xd0..=0xd7 => i += 2,
+                0xd9 | 0xda => return None,
+                _ => {
+                    let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+                    if len < 2 {
+                        return None;
+                    }
+                    let payload = &bytes[i + 4..(i + 2 + len).min(bytes.len())];
+                    i += 2 + len;
+                    return Some((marker, payload));
+                }
+            }
         }
-        let marker = bytes[i + 1];
-        match marker {
-            0xff => i += 1, // fill byte
-            0x01 | 0xd0..=0xd7 => i += 2,
-            0xc0..=0xcf if !matches!(marker, 0xc4 | 0xc8 | 0xcc) => return bytes.get(i + 4).copied(),
-            0xd9 | 0xda => return None,
-            _ => i += 2 + usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]])),
-        }
-    }
-    None
+    })
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -360,6 +403,7 @@ fn decode_with_image(
         original_height,
         dct_scale: 1,
         orientation,
+        codec: Codec::Image,
     })
 }
 

@@ -6,10 +6,12 @@
 //! Pipeline ([`Preprocessor::prepare`]):
 //! 1. **Sniff** JPEG / PNG / WebP from the magic bytes; enforce [`Limits::max_file_bytes`].
 //! 2. **Header**: read the dimensions and enforce [`Limits::max_pixels`] before any pixel is decoded.
-//! 3. **Decode** to RGB8. A large JPEG is decoded at 1/2 or 1/4 scale in the DCT domain when the resize step
-//!    still only downsamples from there (several times faster, same output quality; 1/8 is not used, see
-//!    `resize::MAX_DCT_REDUCTION`). Grey, CMYK (Adobe), 16-bit and palette images are converted; alpha is
-//!    composited over [`InputSpec::fill`].
+//! 3. **Decode** to RGB8. Ordinary JPEGs go through libjpeg-turbo (the default `turbojpeg` feature); CMYK,
+//!    lossless, 12-bit and damaged ones, and any file libjpeg-turbo warns about, through jpeg-decoder, which also
+//!    produces every JPEG error ([`Decoded::codec`] says which one ran). A large JPEG is decoded at 1/2, 1/4 or
+//!    1/8 scale in the DCT domain when the resize step still only downsamples from there (several times faster,
+//!    same output quality; jpeg-decoder stops at 1/4, see `resize::MAX_DCT_REDUCTION`). Grey, CMYK (Adobe),
+//!    16-bit and palette images are converted; alpha is composited over [`InputSpec::fill`].
 //! 4. **Orient**: apply the EXIF orientation (all 8 values).
 //! 5. **Resize** per [`ResizeMode`] with fast_image_resize (Pillow-compatible kernels); see [Geometry](#geometry).
 //! 6. **Normalize** `(v/255 - mean) / std`, reorder channels, lay out as NCHW or NHWC.
@@ -30,8 +32,10 @@ mod decode;
 mod error;
 mod resize;
 mod spec;
+#[cfg(feature = "turbojpeg")]
+mod turbo;
 
-pub use decode::Decoded;
+pub use decode::{Codec, Decoded};
 pub use error::{BoxError, ImageKind, PreprocessError};
 pub use spec::{
     ChannelOrder, IMAGENET_MEAN, IMAGENET_STD, InputSpec, Interpolation, Layout, Limits, MAX_INPUT_SIDE, ResizeMode,

@@ -2,12 +2,18 @@
 //! downscaling of a large JPEG, limits, spec serde. Fixtures come from `scripts/make-image-fixtures.py`.
 
 use attrd::preprocess::{
-    ChannelOrder, Decoded, ImageKind, InputSpec, Interpolation, Layout, Limits, PreprocessError, Preprocessor,
+    ChannelOrder, Codec, Decoded, ImageKind, InputSpec, Interpolation, Layout, Limits, PreprocessError, Preprocessor,
     ResizeMode,
 };
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+
+/// Built with the (default) `turbojpeg` feature: ordinary JPEGs go through libjpeg-turbo.
+const TURBO: bool = cfg!(feature = "turbojpeg");
+
+/// The largest DCT reduction the JPEG decoder in use applies (see `resize::MAX_DCT_REDUCTION`).
+const MAX_DCT: u8 = if TURBO { 8 } else { 4 };
 
 fn fixture_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images").join(name)
@@ -91,6 +97,13 @@ fn good_fixtures_decode_with_format_size_and_orientation() {
         assert_eq!((d.original_width, d.original_height), (w, h), "{name}");
         assert_eq!(d.orientation, orientation, "{name}");
         assert_eq!(d.dct_scale, 1, "{name}: a 60x80 photo is never reduced for a 224 target");
+        let codec = match format {
+            Png | Webp => Codec::Image,
+            // libjpeg-turbo leaves CMYK to jpeg-decoder, which converts it the way Pillow does.
+            Jpeg if name == "cmyk.jpg" || !TURBO => Codec::JpegDecoder,
+            Jpeg => Codec::LibjpegTurbo,
+        };
+        assert_eq!(d.codec, codec, "{name}");
         let t = pp().prepare(&fixture(name)).unwrap();
         assert_eq!(t.len(), 3 * 224 * 224, "{name}");
         assert!(t.iter().all(|v| v.is_finite()), "{name}");
@@ -391,13 +404,13 @@ fn big_jpeg_full() -> &'static RgbImage {
 
 #[test]
 fn large_jpeg_is_decoded_at_reduced_dct_scale_without_losing_quality() {
-    // (spec, expected DCT reduction). 1/8 would also suffice for the 224 targets but is capped at 1/4, see
+    // (spec, expected DCT reduction). 1/8 suffices for the 224 targets; jpeg-decoder stops at 1/4, see
     // `jpeg_decoder_one_eighth_scale_is_biased`.
     let cases = [
-        (InputSpec::imagenet(224, 224), 4),
-        (letterbox_spec(224, 224), 4),
-        (InputSpec { resize: ResizeMode::Stretch, ..letterbox_spec(224, 224) }, 4),
-        // 5664 / 1024 = 5.5: a 1/4 decode (1416 px high) still downsamples.
+        (InputSpec::imagenet(224, 224), MAX_DCT),
+        (letterbox_spec(224, 224), MAX_DCT),
+        (InputSpec { resize: ResizeMode::Stretch, ..letterbox_spec(224, 224) }, MAX_DCT),
+        // 5664 / 1024 = 5.5: a 1/4 decode (1416 px high) still downsamples, 1/8 (708) would not.
         (letterbox_spec(1024, 1024), 4),
         // 5664 / 2048 = 2.8: 1/2 still downsamples, 1/4 (1416) would not.
         (letterbox_spec(2048, 2048), 2),
@@ -453,12 +466,18 @@ fn dct_scaling_and_exif_rotation_combine_correctly() {
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut plain, 90).encode_image(&stored).unwrap();
     let jpeg = with_exif_orientation(&plain, 6);
 
-    for spec in [InputSpec::imagenet(224, 224), InputSpec { width: 160, height: 224, ..letterbox_spec(160, 224) }] {
+    // (spec, DCT reduction): the center crop needs 256 px on the short side (224 / 0.875), more than 1920 / 8;
+    // the 160x224 letterbox is content with 1/8.
+    let cases = [
+        (InputSpec::imagenet(224, 224), 4),
+        (InputSpec { width: 160, height: 224, ..letterbox_spec(160, 224) }, MAX_DCT),
+    ];
+    for (spec, scale) in cases {
         let pp = Preprocessor::new(spec.clone(), Limits::default()).unwrap();
         let d = pp.decode(&jpeg).unwrap();
-        assert_eq!((d.orientation, d.dct_scale), (6, 4), "{spec:?}");
+        assert_eq!((d.orientation, d.dct_scale), (6, scale), "{spec:?}");
         assert_eq!((d.original_width, d.original_height), (1920, 2560));
-        assert_eq!(d.image.dimensions(), (480, 640));
+        assert_eq!(d.image.dimensions(), (1920 / u32::from(scale), 2560 / u32::from(scale)));
 
         // Reference: full-size decode, rotated upright by hand.
         let full = image::DynamicImage::ImageRgb8(
@@ -522,6 +541,71 @@ fn jpeg_decoder_one_eighth_scale_is_biased() {
         eighth[0] < -0.6 && eighth[2] < -0.6,
         "jpeg-decoder's 1/8 scale is no longer biased ({eighth:?}): raise MAX_DCT_REDUCTION to 8"
     );
+}
+
+/// Why libjpeg-turbo may go to 1/8: its scaled IDCT rounds, so the 1/8 decode matches the full decode's block
+/// means (the full decode is jpeg-decoder's, an independent implementation).
+#[cfg(feature = "turbojpeg")]
+#[test]
+fn libjpeg_turbo_one_eighth_scale_is_unbiased() {
+    let d = pp().decode(big_jpeg()).unwrap();
+    assert_eq!((d.codec, d.dct_scale), (Codec::LibjpegTurbo, 8));
+    let bias = dct_bias(&d.image, big_jpeg_full(), 8);
+    eprintln!("libjpeg-turbo 1/8 bias vs full-decode block means, levels: {bias:.3?}");
+    assert!(bias.iter().all(|b| b.abs() < 0.3), "libjpeg-turbo's 1/8 decode is biased: {bias:?}");
+}
+
+/// The segment boundaries of a JPEG's header: `(offset of the 0xFF, marker)` up to and including SOS.
+fn markers(jpeg: &[u8]) -> Vec<(usize, u8)> {
+    let (mut i, mut out) = (2, Vec::new());
+    loop {
+        assert_eq!(jpeg[i], 0xff, "segment at {i}");
+        out.push((i, jpeg[i + 1]));
+        if jpeg[i + 1] == 0xda {
+            return out;
+        }
+        i += 2 + usize::from(u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]));
+    }
+}
+
+/// A file libjpeg-turbo decodes with a warning is not taken from it half-trusted: jpeg-decoder decodes it (or
+/// refuses it) exactly as it would without the fast path.
+#[test]
+fn jpegs_libjpeg_turbo_warns_about_are_decoded_by_jpeg_decoder() {
+    let clean = fixture("photo.jpg");
+    let reference = decode("photo.jpg");
+    // Three stray bytes before the frame header: libjpeg's "Corrupt JPEG data: 3 extraneous bytes before marker
+    // 0xc0", a warning after which it still decodes the whole image.
+    let sof = markers(&clean).iter().find(|&&(_, m)| m == 0xc0).unwrap().0;
+    let mut stray = clean[..sof].to_vec();
+    stray.extend_from_slice(b"\x12\x34\x56");
+    stray.extend_from_slice(&clean[sof..]);
+    let d = pp().decode(&stray).unwrap();
+    assert_eq!(d.codec, Codec::JpegDecoder);
+    let (mean, _) = diff(&d.image, &reference.image);
+    assert!(mean < 1.0, "mean diff {mean} levels from the clean file");
+}
+
+/// EXIF orientation is read wherever the APP1 segment sits before the scan, also after the frame header, where a
+/// header-only parse (which stops at the frame header) would miss it.
+#[test]
+fn exif_after_the_frame_header_still_rotates() {
+    let plain = fixture("photo.jpg");
+    let with_exif = with_exif_orientation(&plain, 6);
+    let app1_len = with_exif.len() - plain.len();
+    let sos = markers(&plain).last().unwrap().0;
+    let mut late = plain[..sos].to_vec();
+    late.extend_from_slice(&with_exif[2..2 + app1_len]);
+    late.extend_from_slice(&plain[sos..]);
+    let sof = markers(&late).iter().position(|&(_, m)| m == 0xc0).unwrap();
+    let app1 = markers(&late).iter().position(|&(_, m)| m == 0xe1).unwrap();
+    assert!(app1 > sof, "the fixture must put APP1 after SOF0");
+
+    let early = pp().decode(&with_exif).unwrap();
+    let d = pp().decode(&late).unwrap();
+    assert_eq!((d.orientation, d.image.dimensions()), (6, (80, 60)));
+    assert_eq!(d.image, early.image);
+    assert_eq!(d.codec, if TURBO { Codec::LibjpegTurbo } else { Codec::JpegDecoder });
 }
 
 #[test]
