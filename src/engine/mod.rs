@@ -70,9 +70,9 @@ pub struct EngineConfig {
     pub intra_threads: usize,
     /// Let those threads spin-wait for work between operators instead of sleeping (ORT's
     /// `session.intra_op.allow_spinning`, on by default as in ORT). Measured end to end on 2 cores
-    /// (`docs/benchmarks.md`, P1): spinning is 10–15 % faster when inference is the bottleneck (small photos), and
-    /// 10–15 % slower when decoding is (studio photos), because the spinning threads take the cores the decode
-    /// workers need. Turn it off on small boxes that mostly decode large photos.
+    /// (`docs/benchmarks.md`, P1): spinning is about 8 % faster when inference is the bottleneck (small photos), and
+    /// about 20 % slower when decoding is (24 MP studio photos), because the spinning threads take the cores the
+    /// decode workers need. Turn it off on small boxes that mostly decode large photos.
     pub intra_spinning: bool,
     /// Path of `libonnxruntime.so`. Unset: `ORT_DYLIB_PATH`, then `../lib/` and the directory of the executable, then
     /// the system's library search path.
