@@ -986,8 +986,8 @@ struct QuantizeArgs {
     /// Calibration method: minmax, percentile (99.999), percentile:<p>, or entropy.
     #[arg(long, default_value = "percentile")]
     method: trainer::onnx::quant::CalibrationMethod,
-    /// Activation storage: u8 (zero point 128; ONNX Runtime's CPU provider fuses every layer) or s8 (zero point 0;
-    /// what TensorRT requires). Both compute the same numbers.
+    /// Activation storage: u8 (ONNX Runtime's CPU provider: every layer and its ReLU6 fuse into integer kernels,
+    /// non-negative tensors get an unsigned grid) or s8 (symmetric everywhere, zero point 0: what TensorRT requires).
     #[arg(long, default_value = "u8")]
     activations: trainer::onnx::quant::ActivationType,
     /// Training images to calibrate activation ranges on.

@@ -39,7 +39,7 @@ const TRAIN: &str = r#"
 arch = "efficientnet-lite0"
 epochs = 2
 batch_size = 32
-lr = 0.003
+lr = 0.001
 warmup_epochs = 0.3
 device = "cpu"
 early_stopping_patience = 0
@@ -76,7 +76,14 @@ fn curate_train_eval_and_audit_through_the_cli() {
     let csv = std::fs::read_to_string(w.join("run/metrics.csv")).unwrap();
     let losses: Vec<f64> = csv.lines().skip(1).map(|l| l.split(',').nth(2).unwrap().parse().unwrap()).collect();
     assert_eq!(losses.len(), 2, "{csv}");
-    assert!(losses[1] < losses[0], "the training loss must fall: {losses:?}");
+    // Fresh heads start at zero, so the untrained loss is the sum of ln(classes) over the heads; two short epochs
+    // must end well below it. (Epoch 1 against epoch 2 is no signal: both sit within a few percent after warm-up.)
+    let ds: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(w.join("ds/dataset.json")).unwrap()).unwrap();
+    let untrained: f64 =
+        ds["attributes"].as_array().unwrap().iter().map(|a| (a["classes"].as_array().unwrap().len() as f64).ln()).sum();
+    eprintln!("training losses {losses:?}, untrained {untrained}");
+    assert!(losses[1] < 0.8 * untrained, "the training loss must fall well below {untrained}: {losses:?}");
     for f in ["best.safetensors", "last.safetensors", "run.json", "loss.png", "val_f1.png"] {
         assert!(w.join("run").join(f).is_file(), "{f} missing");
     }
