@@ -428,7 +428,7 @@ pub fn quantize_qdq(
             let mut hi = None;
             for c in cs {
                 match clip_bounds(c) {
-                    Some((lo, h)) if lo == 0.0 => hi = Some((h, c.output[0].as_str())),
+                    Some((0.0, h)) => hi = Some((h, c.output[0].as_str())),
                     _ => return None,
                 }
             }
