@@ -75,6 +75,8 @@ def main():
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # As attrd::engine::session_builder: ORT would otherwise quantize the layers a bundle keeps in fp32.
+    so.add_session_config_entry("optimization.disable_specified_optimizers", "WeightBiasQuantization")
     sess = ort.InferenceSession(os.path.join(bundle, manifest["onnx"]["file"]), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pybench-{os.getpid()}")

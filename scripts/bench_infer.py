@@ -16,6 +16,8 @@ def main() -> None:
     model, raw, batch, threads, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # As attrd::engine::session_builder: ORT would otherwise quantize the layers a bundle keeps in fp32.
+    so.add_session_config_entry("optimization.disable_specified_optimizers", "WeightBiasQuantization")
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]

@@ -229,6 +229,23 @@ pub fn environment(cfg: &EngineConfig) -> Result<Arc<ort::environment::Environme
     Ok(runtime(cfg)?.env.clone())
 }
 
+/// ONNX Runtime graph transformers every session of ours turns off. `WeightBiasQuantization` (ORT ≥ 1.2x) gives any
+/// `Conv`/`Gemm` that reads a `DequantizeLinear` output and has fp32 weights **per-tensor** int8 weights, so a layer
+/// that `trainer quantize` measured and kept in fp32 would silently run quantized, and far worse than its own
+/// per-channel INT8 form (depthwise convolutions lose most of their channels). Measured with ORT 1.32 on the fashion
+/// model: keeping `blocks.0.dw.conv` fp32 moved logits by up to 13 against the graph's own QDQ arithmetic, and by
+/// 0.6 with this transformer off.
+pub const DISABLED_OPTIMIZERS: &str = "WeightBiasQuantization";
+
+/// A session builder with the engine's graph settings: every optimisation ORT has ([`GraphOptimizationLevel::All`])
+/// except [`DISABLED_OPTIMIZERS`]. The trainer's quantizer and the benchmarks use it too, so that what they measure
+/// is what the daemon runs.
+pub fn session_builder(env: &ort::environment::Environment) -> ort::Result<ort::session::builder::SessionBuilder> {
+    Ok(Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::All)?
+        .with_disabled_optimizers(DISABLED_OPTIMIZERS)?)
+}
+
 /// The ORT library actually loaded in this process, if any.
 pub fn loaded_library() -> Option<&'static Path> {
     RUNTIME.get().and_then(|r| r.as_ref().ok()).map(|r| r.library.as_path())
@@ -315,10 +332,7 @@ impl Engine {
         let started = Instant::now();
         let manifest = bundle.manifest().clone();
         let onnx = bundle.onnx_path();
-        let mut builder = Session::builder(&rt.env)
-            .map_err(ort_err)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(ort_err)?;
+        let mut builder = session_builder(&rt.env).map_err(ort_err)?;
         if cfg.intra_threads > 0 {
             builder = builder.with_intra_threads(cfg.intra_threads).map_err(ort_err)?;
         }

@@ -17,7 +17,6 @@ use crate::train::items_of;
 use attrd::preprocess::{InputSpec, Preprocessor};
 use ndarray::{Array2, Array4, Axis};
 use ort::session::Session;
-use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -263,10 +262,7 @@ impl Runner {
         optimized: Option<&Path>,
     ) -> Result<Self, QuantizeError> {
         let env = attrd::engine::environment(&attrd::engine::EngineConfig::cpu())?;
-        let mut b = Session::builder(&env)
-            .map_err(ort_err)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(ort_err)?;
+        let mut b = attrd::engine::session_builder(&env).map_err(ort_err)?;
         if threads > 0 {
             b = b.with_intra_threads(threads).map_err(ort_err)?;
         }

@@ -18,7 +18,7 @@ pub fn env() -> &'static Environment {
 
 pub fn session(model: &ModelProto) -> Session {
     let bytes = onnx::encode_model(model).expect("encode");
-    Session::builder(env())
+    attrd::engine::session_builder(env())
         .expect("session builder")
         .with_intra_threads(1)
         .expect("threads")

@@ -92,10 +92,8 @@ fn top1_agreement(a: &Array2<f32>, b: &Array2<f32>) -> f64 {
 fn optimized_ops(model: &ModelProto) -> BTreeMap<String, usize> {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("opt.onnx");
-    Session::builder(env())
+    attrd::engine::session_builder(env())
         .expect("builder")
-        .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)
-        .expect("level")
         .with_optimized_model_path(&path)
         .expect("optimized path")
         .commit_from_memory(&onnx::encode_model(model).expect("encode"))
@@ -200,6 +198,18 @@ fn kept_layers_stay_fp32_and_bad_requests_are_refused() {
     assert!(inits.contains("heads.imagenet.weight") && inits.contains("blocks.0.dw.conv.weight_quantized"));
     assert!(!summary.nodes.contains_key("Gemm"));
     assert!(logits(&int8, &images).iter().all(|v| v.is_finite()));
+
+    // A kept layer between two quantized ones reads a DequantizeLinear and feeds a QuantizeLinear; ONNX Runtime's
+    // WeightBiasQuantization would quantize its weights per tensor behind our back. The engine's sessions must run
+    // it in fp32, as the sensitivity analysis measured it.
+    let fp32_convs = |ops: &BTreeMap<String, usize>| {
+        ops.get("Conv").copied().unwrap_or(0) + ops.get("com.microsoft.nchwc:Conv").copied().unwrap_or(0)
+    };
+    let mut all_but_one = all_nodes(&model);
+    assert!(all_but_one.remove("blocks.0.dw.conv"));
+    let (sandwiched, _) = quant::quantize_qdq(&model, &all_but_one, &thresholds, ActivationType::U8).expect("quantize");
+    let ops = optimized_ops(&sandwiched);
+    assert_eq!(fp32_convs(&ops), 1, "blocks.0.dw.conv stays fp32: {ops:?}");
 
     let one: BTreeSet<String> = ["no.such.node".to_string()].into();
     assert!(
