@@ -5,7 +5,6 @@
 use crate::common::{fashion_dir, lite0_checkpoint, manifest_dir};
 use crate::ort_rt::{env, run, session};
 use ndarray::{Array2, Array4, Axis, s};
-use ort::session::Session;
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
