@@ -228,6 +228,13 @@ fn entropy_threshold(h: &[u64]) -> f32 {
     if n <= levels {
         return n as f32;
     }
+    // The zero bin holds every value a ReLU cut off, often most of the tensor. Counted as it is, it swamps the
+    // divergence of the rest, and the smallest clip point wins whatever it does to the tail (measured: −52 points
+    // of macro-F1 on the fashion model). Rounding keeps zeros exact anyway, so the zero bin is weighted like its
+    // neighbour, as pytorch-quantization does.
+    let mut owned = h.to_vec();
+    owned[0] = owned[1];
+    let h = owned.as_slice();
     let mut best = (f64::INFINITY, n);
     let mut i = levels;
     while i <= n {
@@ -729,6 +736,20 @@ mod tests {
         let e = c.threshold("t", CalibrationMethod::Entropy).unwrap();
         assert!(e < 10.0, "entropy calibration clips a single far outlier: {e}");
         assert_eq!(c.threshold("missing", CalibrationMethod::MinMax), None);
+    }
+
+    #[test]
+    fn entropy_threshold_keeps_the_tail_of_a_relu_output() {
+        // What a ReLU6 leaves: 70 % exact zeros, the rest spread over (0, 4] with a thinning tail, and a few 6s.
+        let mut data = vec![0f32; 70_000];
+        data.extend((0..30_000).map(|i| 4.0 * (i as f32 / 30_000.0).powi(2)));
+        data.extend([6.0; 3]);
+        let mut c = Calibrator::default();
+        c.observe_range("t", &data);
+        c.observe_histogram("t", &data);
+        let e = c.threshold("t", CalibrationMethod::Entropy).unwrap();
+        // The zero bin used to swamp the divergence and pick the smallest candidate (128 of 2048 bins: 0.375).
+        assert!((2.0..=6.0).contains(&e), "entropy threshold {e} cuts into the bulk of (0, 4]");
     }
 
     #[test]
