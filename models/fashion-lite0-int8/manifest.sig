@@ -1,5 +1,5 @@
 {
   "algorithm": "ed25519",
   "key_id": "f659e5b717282f2f",
-  "signature": "rumcP5MypE/Kz4KSuZECG0eIM8nN3JCdHcE7XoY1IQwTuGHWxbLq+sIHhb9Ra2LddAjj6onWdDyHhZkWJ31iCQ=="
+  "signature": "MwAj5V0xRzTPT7yNKFjLG70Rodzs1zSb5MsOoYRtljA5nhHP1/R1D/cRSXVzq8hNZPqXKaTyPcMAn7PkbocRAQ=="
 }
