@@ -5,7 +5,6 @@
 
 use crate::ort_rt::{env, run, session};
 use ndarray::{Array2, Array4, Axis};
-use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -605,7 +604,10 @@ fn write_then_read_round_trips() {
     let entries: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
     assert_eq!(entries, ["model.onnx"]);
     // The written file is loadable by ONNX Runtime from disk too.
-    Session::builder(env()).expect("builder").commit_from_file(&path).expect("ORT loads the written file");
+    attrd::engine::session_builder(env())
+        .expect("builder")
+        .commit_from_file(&path)
+        .expect("ORT loads the written file");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
