@@ -993,11 +993,13 @@ struct QuantizeArgs {
     /// Training images to calibrate activation ranges on.
     #[arg(long, default_value_t = 512)]
     calibration_items: usize,
-    /// Largest acceptable loss of mean macro-F1 against fp32, in percentage points.
+    /// Largest acceptable loss of mean macro-F1 against fp32, in percentage points, on validation. Macro-F1 over
+    /// rare classes moves by about ±0.5 points between item subsets, so leave a margin if the test split must hold
+    /// the same bound (the default model uses 0.25 for a 0.5 target).
     #[arg(long, default_value_t = 0.5)]
     max_f1_loss: f64,
-    /// Validation images for choosing fp32 layers (0 = the whole split).
-    #[arg(long, default_value_t = 2000)]
+    /// Validation images for choosing fp32 layers (0 = the whole split; fewer make the choice noisier).
+    #[arg(long, default_value_t = 0)]
     select_items: usize,
     /// Validation images for the per-layer sensitivity measurement.
     #[arg(long, default_value_t = 256)]

@@ -84,7 +84,7 @@ impl Default for QuantizeConfig {
             activations: ActivationType::U8,
             calibration_items: 512,
             max_f1_loss_points: 0.5,
-            select_items: Some(2000),
+            select_items: None,
             sensitivity_items: 256,
             test_items: None,
             keep_fp32: Vec::new(),
