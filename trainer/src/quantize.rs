@@ -57,6 +57,10 @@ pub struct QuantizeConfig {
     pub method: CalibrationMethod,
     /// Storage type of quantized activations (u8 for ONNX Runtime's CPU kernels, s8 for TensorRT).
     pub activations: ActivationType,
+    /// Weight precision, 7 (runs right on every x86 CPU) or 8 (VNNI/AMX CPUs and TensorRT only); see
+    /// [`quant::DEFAULT_WEIGHT_BITS`].
+    #[serde(default = "default_weight_bits")]
+    pub weight_bits: u8,
     /// Training images the activation ranges are calibrated on.
     pub calibration_items: usize,
     /// Largest acceptable loss of mean macro-F1 (over heads), in points (0.5 = half a percentage point).
@@ -77,11 +81,16 @@ pub struct QuantizeConfig {
     pub batch: usize,
 }
 
+fn default_weight_bits() -> u8 {
+    quant::DEFAULT_WEIGHT_BITS
+}
+
 impl Default for QuantizeConfig {
     fn default() -> Self {
         Self {
             method: CalibrationMethod::Percentile(99.999),
             activations: ActivationType::U8,
+            weight_bits: quant::DEFAULT_WEIGHT_BITS,
             calibration_items: 512,
             max_f1_loss_points: 0.5,
             select_items: None,
@@ -446,7 +455,7 @@ pub fn quantize(
     }
     let build = |keep: &BTreeSet<String>| -> Result<(ModelProto, QdqSummary), QuantizeError> {
         let set: BTreeSet<String> = candidates.iter().filter(|n| !keep.contains(*n)).cloned().collect();
-        Ok(quant::quantize_qdq(model, &set, &thresholds, cfg.activations)?)
+        Ok(quant::quantize_qdq_with(model, &set, &thresholds, cfg.activations, cfg.weight_bits)?)
     };
 
     let mut fp32 = Runner::new(model, input_name, &outputs, threads)?;
@@ -463,7 +472,7 @@ pub fn quantize(
         ));
         for (i, layer) in candidates.iter().enumerate() {
             let one: BTreeSet<String> = [layer.clone()].into();
-            let (m, _) = quant::quantize_qdq(model, &one, &thresholds, cfg.activations)?;
+            let (m, _) = quant::quantize_qdq_with(model, &one, &thresholds, cfg.activations, cfg.weight_bits)?;
             let logits = Runner::new(&m, input_name, &outputs, threads)?.logits(&sens)?;
             sensitivity.push((layer.clone(), distortion(&sens_fp32, &logits)));
             progress.tick(i + 1, candidates.len());

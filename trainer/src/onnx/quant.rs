@@ -53,6 +53,8 @@ pub enum QuantError {
     UnknownNode(String),
     #[error("initializer {0:?} is not a float32 tensor")]
     NotFloat(String),
+    #[error("weights of {0} bits are not supported (expected 7, the portable default, or 8)")]
+    WeightBits(u8),
     #[error("unknown calibration method {0:?} (expected minmax, percentile or entropy)")]
     UnknownMethod(String),
 }
@@ -288,17 +290,18 @@ pub enum ActivationType {
     S8,
 }
 
-impl ActivationType {
-    /// Largest int8 weight magnitude: 7 bits (±63) for both storage types. x86 CPUs without VNNI multiply u8×s8
-    /// pairs with `vpmaddubsw`, which saturates at i16 when both are near full range (ONNX Runtime's documented
-    /// "reduce_range" caveat), and ORT runs int8 activations through the same kernels after shifting them to uint8.
-    /// Measured on an AVX2 machine: full-range weights changed the top-1 of 23–94 % of images. A bundle must be
-    /// right on every provider it may fall back to, the CPU included, so the bit is given up everywhere.
-    pub fn weight_qmax(self) -> f32 {
-        match self {
-            Self::U8 | Self::S8 => 63.0,
-        }
-    }
+/// Weight precision of a quantized layer: 7 bits (±63) by default, for both storage types. x86 CPUs without VNNI
+/// multiply u8×s8 pairs with `vpmaddubsw`, which saturates at i16 when both are near full range (ONNX Runtime's
+/// documented "reduce_range" caveat), and ORT runs int8 activations through the same kernels after shifting them to
+/// uint8. Measured on an AVX2 machine: full-range weights changed the top-1 of 23–94 % of images. A bundle must be
+/// right on every provider it may fall back to, the CPU included, so by default the bit is given up everywhere.
+/// 8 bits are for bundles that only ever run where that cannot happen (VNNI or AMX CPUs, TensorRT): on the fashion
+/// model they cut the INT8 loss from about 1 point of macro-F1 to 0.17 (`docs/benchmarks.md`, P3).
+pub const DEFAULT_WEIGHT_BITS: u8 = 7;
+
+/// Largest weight magnitude for `bits` (7 → 63, 8 → 127).
+pub fn weight_qmax(bits: u8) -> f32 {
+    f32::from((1u8 << (bits.clamp(2, 8) - 1)) - 1)
 }
 
 impl std::str::FromStr for ActivationType {
@@ -331,6 +334,20 @@ pub fn quantize_qdq(
     thresholds: &BTreeMap<String, f32>,
     activations: ActivationType,
 ) -> Result<(ModelProto, QdqSummary), QuantError> {
+    quantize_qdq_with(model, quantize, thresholds, activations, DEFAULT_WEIGHT_BITS)
+}
+
+/// [`quantize_qdq`] with weights of `weight_bits` (7 or 8; see [`DEFAULT_WEIGHT_BITS`]).
+pub fn quantize_qdq_with(
+    model: &ModelProto,
+    quantize: &BTreeSet<String>,
+    thresholds: &BTreeMap<String, f32>,
+    activations: ActivationType,
+    weight_bits: u8,
+) -> Result<(ModelProto, QdqSummary), QuantError> {
+    if !(7..=8).contains(&weight_bits) {
+        return Err(QuantError::WeightBits(weight_bits));
+    }
     let g = graph(model)?;
     let inits: HashMap<&str, &TensorProto> = g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
     let graph_outputs: HashSet<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
@@ -554,7 +571,7 @@ pub fn quantize_qdq(
                 axis,
                 in_scale,
                 bias.as_ref().map(|(_, b)| b.as_slice()),
-                activations.weight_qmax(),
+                weight_qmax(weight_bits),
             );
             let wn = &weight.name;
             new_inits.push(int8_tensor(&format!("{wn}_quantized"), &dims, &q));

@@ -210,6 +210,18 @@ fn kept_layers_stay_fp32_and_bad_requests_are_refused() {
     let ops = optimized_ops(&sandwiched);
     assert_eq!(fp32_convs(&ops), 1, "blocks.0.dw.conv stays fp32: {ops:?}");
 
+    // Weight precision: 7 bits by default (±63), 8 on request (±127), nothing else.
+    let widest = |m: &ModelProto| {
+        let w = m.graph.as_ref().unwrap().initializer.iter().find(|t| t.name == "blocks.1.dw.conv.weight_quantized");
+        w.expect("quantized weight").raw_data.iter().map(|&b| (b as i8).unsigned_abs()).max().unwrap()
+    };
+    assert_eq!(widest(&sandwiched), 63);
+    let all = all_nodes(&model);
+    let (eight, _) = quant::quantize_qdq_with(&model, &all, &thresholds, ActivationType::U8, 8).expect("8-bit weights");
+    assert_eq!(widest(&eight), 127);
+    let err = quant::quantize_qdq_with(&model, &all, &thresholds, ActivationType::U8, 9).unwrap_err();
+    assert!(matches!(err, QuantError::WeightBits(9)), "{err}");
+
     let one: BTreeSet<String> = ["no.such.node".to_string()].into();
     assert!(
         matches!(quant::quantize_qdq(&model, &one, &thresholds, ActivationType::U8), Err(QuantError::UnknownNode(n)) if n == "no.such.node")
