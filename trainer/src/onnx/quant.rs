@@ -362,7 +362,7 @@ pub fn quantize_qdq_with(
         return Err(QuantError::UnknownNode(missing.clone()));
     }
 
-    // A ReLU-style clip's lower bound, for `Clip(x, lo, hi)` with constant bounds and for `Relu`.
+    // The (lo, hi) bounds of a ReLU-style node: `Clip(x, lo, hi)` with constant bounds, or `Relu`.
     let clip_bounds = |c: &NodeProto| -> Option<(f32, f32)> {
         match c.op_type.as_str() {
             "Relu" => Some((0.0, f32::INFINITY)),
@@ -443,9 +443,8 @@ pub fn quantize_qdq_with(
         *summary.nodes.entry(n.op_type.clone()).or_default() += 1;
     }
 
-    // Scales. A tensor read only by ReLU6-style clips takes the clipped range (see the module documentation).
+    // Scales.
     let mut scales: HashMap<String, f32> = HashMap::new();
-    let mut unsigned: HashSet<String> = HashSet::new();
     for t in &q_tensors {
         // (s8 form) A tensor read only by ReLU-style clips takes the clipped range: see the module documentation.
         let clip_range = consumers.get(t.as_str()).and_then(|cs| {
@@ -476,7 +475,6 @@ pub fn quantize_qdq_with(
                 while scale * U8_LEVELS > threshold {
                     scale = f32::from_bits(scale.to_bits() - 1);
                 }
-                unsigned.insert(t.clone());
                 scale
             }
             _ => threshold / QMAX,
@@ -515,7 +513,7 @@ pub fn quantize_qdq_with(
             ActivationType::U8 => TensorProto {
                 name: format!("{t}_zero_point"),
                 data_type: DataType::Uint8 as i32,
-                raw_data: vec![if unsigned.contains(t) { 0 } else { 128 }],
+                raw_data: vec![if non_negative.contains_key(t) { 0 } else { 128 }],
                 ..Default::default()
             },
         });
