@@ -114,6 +114,10 @@ struct InferArgs {
     /// Allow TF32 math on the CUDA provider (faster; about 1e-3 relative difference from fp32).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     cuda_tf32: bool,
+    /// Run a bundle whose INT8 weights saturate this CPU's integer kernels instead of refusing it (diagnosis only:
+    /// `scripts/check-int8-portability` uses it to show what such a CPU would compute).
+    #[arg(long)]
+    allow_saturating_int8: bool,
     /// Image files (JPEG, PNG, WebP).
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -392,8 +396,13 @@ struct InferLine<'a> {
 
 fn infer(args: InferArgs) -> Result<ExitCode> {
     let bundle = open_bundle(&args.bundle, &args.trusted_keys, args.trusted_keys.is_empty())?;
-    let cfg =
-        EngineConfig { providers: args.providers.clone(), intra_threads: args.threads, ..EngineConfig::default() };
+    let cfg = EngineConfig {
+        providers: args.providers.clone(),
+        intra_threads: args.threads,
+        cuda_tf32: args.cuda_tf32,
+        allow_saturating_int8: args.allow_saturating_int8,
+        ..EngineConfig::default()
+    };
     let engine = Engine::load(&bundle, &cfg).with_context(|| format!("loading {}", bundle.label()))?;
     let pre = Preprocessor::new(bundle.manifest().input.clone(), Limits::default())
         .context("the bundle's input spec is invalid")?;

@@ -91,6 +91,11 @@ pub struct EngineConfig {
     /// regardless unless the service environment sets `NVIDIA_TF32_OVERRIDE=0` (measured on an H100: probabilities
     /// within 2e-3 of the CPU's with TF32, 3e-6 without; see docs/gpu.md).
     pub cuda_tf32: bool,
+    /// Serve a bundle on the CPU provider even though its INT8 weights can saturate this CPU's integer kernels (a
+    /// model quantized with `trainer quantize --weight-range full`, on an x86 CPU without VNNI). Off, such a bundle
+    /// is refused at load, because its results would differ from the ones it was validated with; on is for
+    /// diagnosis only (`scripts/check-int8-portability`).
+    pub allow_saturating_int8: bool,
 }
 
 impl Default for EngineConfig {
@@ -104,6 +109,7 @@ impl Default for EngineConfig {
             tensorrt_cache_dir: None,
             build_in_background: vec![Provider::TensorRt],
             cuda_tf32: true,
+            allow_saturating_int8: false,
         }
     }
 }
@@ -147,6 +153,30 @@ pub enum EngineError {
     NonFinite { head: String },
     #[error("the inference thread has stopped")]
     Stopped,
+    #[error(
+        "{model}: its INT8 weights use the full 8-bit range (`trainer quantize --weight-range full`), which this CPU's \
+         integer kernels saturate on (x86 without VNNI): its results would differ from the validated ones. Requantize \
+         with `--weight-range safe` (the default), or serve it on a VNNI CPU or a GPU"
+    )]
+    SaturatingInt8 { model: String },
+}
+
+/// Key of the ONNX metadata entry in which `trainer quantize` records the weight range of an INT8 model
+/// (`safe`, `reduced` or `full`).
+pub const INT8_WEIGHT_RANGE_KEY: &str = "attrd.int8_weight_range";
+
+/// Whether this CPU's INT8 kernels in ONNX Runtime can saturate on full-range 8-bit weights: x86 without VNNI, where
+/// MLAS adds u8×s8 product pairs in i16 (`vpmaddubsw`). VNNI CPUs (AVX512-VNNI, AVX-VNNI, and AMX ones, which have
+/// both) accumulate in i32; other architectures widen before multiplying.
+pub fn cpu_saturates_int8() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !(std::arch::is_x86_feature_detected!("avx512vnni") || std::arch::is_x86_feature_detected!("avxvnni"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 fn ort_err(e: impl fmt::Display) -> EngineError {
@@ -374,6 +404,12 @@ impl Engine {
             .commit_from_file(&onnx)
             .map_err(|e| EngineError::Session { path: onnx.clone(), reason: e.to_string() })?;
         let input_shape = check_io(&session, &manifest)?;
+        if active == Provider::Cpu && !cfg.allow_saturating_int8 && cpu_saturates_int8() {
+            let range = session.metadata().ok().and_then(|m| m.custom(INT8_WEIGHT_RANGE_KEY));
+            if range.as_deref() == Some("full") {
+                return Err(EngineError::SaturatingInt8 { model: bundle.label() });
+            }
+        }
         let report = ProviderReport { active, fallbacks };
         let (tx, rx) = mpsc::sync_channel::<Job>(4);
         let heads: Vec<String> = manifest.heads.iter().map(|h| h.name.clone()).collect();

@@ -990,10 +990,11 @@ struct QuantizeArgs {
     /// non-negative tensors get an unsigned grid) or s8 (symmetric everywhere, zero point 0: what TensorRT requires).
     #[arg(long, default_value = "u8")]
     activations: trainer::onnx::quant::ActivationType,
-    /// Weight bits: 7 (default; right on every x86 CPU) or 8 (more accurate, but only for bundles that run on
-    /// VNNI/AMX CPUs or TensorRT: older x86 CPUs saturate in ORT's integer kernels).
-    #[arg(long, default_value_t = trainer::onnx::quant::DEFAULT_WEIGHT_BITS, value_parser = clap::value_parser!(u8).range(7..=8))]
-    weight_bits: u8,
+    /// Weight range: safe (default: 8 bits wherever ONNX Runtime's x86 kernels cannot saturate, right on every
+    /// CPU), reduced (7 bits everywhere, ORT's reduce_range) or full (8 bits everywhere: only for bundles that run on
+    /// VNNI/AMX CPUs or TensorRT alone; older x86 CPUs saturate).
+    #[arg(long, default_value_t = trainer::onnx::quant::WeightRange::default())]
+    weight_range: trainer::onnx::quant::WeightRange,
     /// Training images to calibrate activation ranges on.
     #[arg(long, default_value_t = 512)]
     calibration_items: usize,
@@ -1065,7 +1066,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let cfg = QuantizeConfig {
         method: args.method,
         activations: args.activations,
-        weight_bits: args.weight_bits,
+        weight_range: args.weight_range,
         calibration_items: args.calibration_items,
         max_f1_loss_points: args.max_f1_loss,
         select_items: (args.select_items > 0).then_some(args.select_items),

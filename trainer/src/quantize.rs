@@ -11,7 +11,7 @@ use crate::curate::{Dataset, Split};
 use crate::eval::metrics::{multi_label_report, single_label_report};
 use crate::onnx::encode_model;
 use crate::onnx::proto::ModelProto;
-use crate::onnx::quant::{self, ActivationType, CalibrationMethod, Calibrator, QdqSummary, QuantError};
+use crate::onnx::quant::{self, ActivationType, CalibrationMethod, Calibrator, QdqSummary, QuantError, WeightRange};
 use crate::train::data::{self, HeadSpec, Target};
 use crate::train::items_of;
 use attrd::preprocess::{InputSpec, Preprocessor};
@@ -57,10 +57,9 @@ pub struct QuantizeConfig {
     pub method: CalibrationMethod,
     /// Storage type of quantized activations (u8 for ONNX Runtime's CPU kernels, s8 for TensorRT).
     pub activations: ActivationType,
-    /// Weight precision, 7 (runs right on every x86 CPU) or 8 (VNNI/AMX CPUs and TensorRT only); see
-    /// [`quant::DEFAULT_WEIGHT_BITS`].
-    #[serde(default = "default_weight_bits")]
-    pub weight_bits: u8,
+    /// How much of the int8 range weights use; see [`WeightRange`].
+    #[serde(default)]
+    pub weight_range: WeightRange,
     /// Training images the activation ranges are calibrated on.
     pub calibration_items: usize,
     /// Largest acceptable loss of mean macro-F1 (over heads), in points (0.5 = half a percentage point).
@@ -81,16 +80,12 @@ pub struct QuantizeConfig {
     pub batch: usize,
 }
 
-fn default_weight_bits() -> u8 {
-    quant::DEFAULT_WEIGHT_BITS
-}
-
 impl Default for QuantizeConfig {
     fn default() -> Self {
         Self {
             method: CalibrationMethod::Percentile(99.999),
             activations: ActivationType::U8,
-            weight_bits: quant::DEFAULT_WEIGHT_BITS,
+            weight_range: WeightRange::default(),
             calibration_items: 512,
             max_f1_loss_points: 0.5,
             select_items: None,
@@ -455,7 +450,7 @@ pub fn quantize(
     }
     let build = |keep: &BTreeSet<String>| -> Result<(ModelProto, QdqSummary), QuantizeError> {
         let set: BTreeSet<String> = candidates.iter().filter(|n| !keep.contains(*n)).cloned().collect();
-        Ok(quant::quantize_qdq_with(model, &set, &thresholds, cfg.activations, cfg.weight_bits)?)
+        Ok(quant::quantize_qdq_with(model, &set, &thresholds, cfg.activations, cfg.weight_range)?)
     };
 
     let mut fp32 = Runner::new(model, input_name, &outputs, threads)?;
@@ -472,7 +467,7 @@ pub fn quantize(
         ));
         for (i, layer) in candidates.iter().enumerate() {
             let one: BTreeSet<String> = [layer.clone()].into();
-            let (m, _) = quant::quantize_qdq_with(model, &one, &thresholds, cfg.activations, cfg.weight_bits)?;
+            let (m, _) = quant::quantize_qdq_with(model, &one, &thresholds, cfg.activations, cfg.weight_range)?;
             let logits = Runner::new(&m, input_name, &outputs, threads)?.logits(&sens)?;
             sensitivity.push((layer.clone(), distortion(&sens_fp32, &logits)));
             progress.tick(i + 1, candidates.len());

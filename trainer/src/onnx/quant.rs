@@ -24,8 +24,8 @@
 //! graph returned by [`with_outputs`] (see `trainer::quantize`).
 
 use super::proto::{
-    AttributeProto, DataType, GraphProto, ModelProto, NodeProto, TensorProto, TypeProto, TypeProtoTensor,
-    ValueInfoProto, type_proto,
+    AttributeProto, DataType, GraphProto, ModelProto, NodeProto, StringStringEntryProto, TensorProto, TypeProto,
+    TypeProtoTensor, ValueInfoProto, type_proto,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -53,8 +53,6 @@ pub enum QuantError {
     UnknownNode(String),
     #[error("initializer {0:?} is not a float32 tensor")]
     NotFloat(String),
-    #[error("weights of {0} bits are not supported (expected 7, the portable default, or 8)")]
-    WeightBits(u8),
     #[error("unknown calibration method {0:?} (expected minmax, percentile or entropy)")]
     UnknownMethod(String),
 }
@@ -290,18 +288,69 @@ pub enum ActivationType {
     S8,
 }
 
-/// Weight precision of a quantized layer: 7 bits (±63) by default, for both storage types. x86 CPUs without VNNI
-/// multiply u8×s8 pairs with `vpmaddubsw`, which saturates at i16 when both are near full range (ONNX Runtime's
-/// documented "reduce_range" caveat), and ORT runs int8 activations through the same kernels after shifting them to
-/// uint8. Measured on an AVX2 machine: full-range weights changed the top-1 of 23–94 % of images. A bundle must be
-/// right on every provider it may fall back to, the CPU included, so by default the bit is given up everywhere.
-/// 8 bits are for bundles that only ever run where that cannot happen (VNNI or AMX CPUs, TensorRT): on the fashion
-/// model they cut the INT8 loss from about 1 point of macro-F1 to 0.17 (`docs/benchmarks.md`, P3).
-pub const DEFAULT_WEIGHT_BITS: u8 = 7;
+/// How much of the int8 range quantized weights use.
+///
+/// x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) multiply u8 activations by s8 weights with
+/// `vpmaddubsw`, which adds two neighbouring products along the reduction axis into an i16 and saturates:
+/// 255 × 127 × 2 overflows it. ONNX Runtime runs int8 activations through the same kernels (shifted to uint8), so
+/// every storage type is exposed. Measured under `qemu-x86_64 -cpu Haswell` (`scripts/check-int8-portability`):
+/// unconstrained 8-bit weights changed the top-1 of 15–45 % of the fashion model's test images, while `Safe` and
+/// `Reduced` bundles give bit-identical logits on that CPU and on a VNNI one. A bundle must be right on every
+/// provider it may fall back to, the CPU included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightRange {
+    /// 8 bits (±127) wherever no i16 pair can overflow (the default, right on every CPU):
+    /// - depthwise convolutions: ORT's depthwise kernel widens both operands and accumulates in i32, so all 8 bits;
+    /// - 1×1 convolutions and `Gemm`s, whose reduction axis is the input channel in every layout: 8 bits, with each
+    ///   neighbouring pair (channels 2j, 2j+1) rounded so that |q₂ⱼ| + |q₂ⱼ₊₁| ≤ 128 (255 × 128 < 2¹⁵);
+    /// - other convolutions, whose reduction order depends on the layout ORT picks: a channel scale at which any two
+    ///   weights sum to at most 128 (between 7 and 8 bits).
+    ///
+    /// On the fashion model this gives the accuracy of unconstrained 8-bit weights and the speed of either.
+    #[default]
+    Safe,
+    /// 7 bits (±63) everywhere: ONNX Runtime's `reduce_range`. Costs about 0.9 points of macro-F1 on the fashion
+    /// model against `Safe`.
+    Reduced,
+    /// 8 bits everywhere, unconstrained: only for bundles that never run on x86 CPUs without VNNI (VNNI or AMX CPUs,
+    /// TensorRT).
+    Full,
+}
 
-/// Largest weight magnitude for `bits` (7 → 63, 8 → 127).
-pub fn weight_qmax(bits: u8) -> f32 {
-    f32::from((1u8 << (bits.clamp(2, 8) - 1)) - 1)
+impl std::str::FromStr for WeightRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "safe" => Ok(Self::Safe),
+            "reduced" | "7" => Ok(Self::Reduced),
+            "full" | "8" => Ok(Self::Full),
+            other => Err(format!("unknown weight range {other:?} (expected safe, reduced or full)")),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Safe => "safe",
+            Self::Reduced => "reduced",
+            Self::Full => "full",
+        })
+    }
+}
+
+/// How ONNX Runtime's integer kernel reduces one output channel's weights, which decides how much of the int8 range
+/// [`WeightRange::Safe`] can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reduction {
+    /// Products widened and accumulated in i32: no limit.
+    Wide,
+    /// Neighbouring products along the reduction axis summed in i16 first, the reduction axis being the weight's
+    /// input-channel axis.
+    Pairs,
+    /// An order that depends on the layout: any two weights may meet.
+    AnyPair,
 }
 
 impl std::str::FromStr for ActivationType {
@@ -334,20 +383,17 @@ pub fn quantize_qdq(
     thresholds: &BTreeMap<String, f32>,
     activations: ActivationType,
 ) -> Result<(ModelProto, QdqSummary), QuantError> {
-    quantize_qdq_with(model, quantize, thresholds, activations, DEFAULT_WEIGHT_BITS)
+    quantize_qdq_with(model, quantize, thresholds, activations, WeightRange::default())
 }
 
-/// [`quantize_qdq`] with weights of `weight_bits` (7 or 8; see [`DEFAULT_WEIGHT_BITS`]).
+/// [`quantize_qdq`] with weights in `range`.
 pub fn quantize_qdq_with(
     model: &ModelProto,
     quantize: &BTreeSet<String>,
     thresholds: &BTreeMap<String, f32>,
     activations: ActivationType,
-    weight_bits: u8,
+    range: WeightRange,
 ) -> Result<(ModelProto, QdqSummary), QuantError> {
-    if !(7..=8).contains(&weight_bits) {
-        return Err(QuantError::WeightBits(weight_bits));
-    }
     let g = graph(model)?;
     let inits: HashMap<&str, &TensorProto> = g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
     let graph_outputs: HashSet<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
@@ -569,7 +615,8 @@ pub fn quantize_qdq_with(
                 axis,
                 in_scale,
                 bias.as_ref().map(|(_, b)| b.as_slice()),
-                weight_qmax(weight_bits),
+                range,
+                reduction(n, &dims),
             );
             let wn = &weight.name;
             new_inits.push(int8_tensor(&format!("{wn}_quantized"), &dims, &q));
@@ -629,39 +676,131 @@ pub fn quantize_qdq_with(
     let og = out.graph.as_mut().ok_or(QuantError::NoGraph)?;
     og.node = nodes;
     og.initializer = initializer;
+    // The daemon refuses `full` weights on CPUs whose kernels saturate on them (`attrd::engine`).
+    out.metadata_props.retain(|p| p.key != attrd::engine::INT8_WEIGHT_RANGE_KEY);
+    if summary.weights > 0 {
+        out.metadata_props.push(StringStringEntryProto {
+            key: attrd::engine::INT8_WEIGHT_RANGE_KEY.into(),
+            value: range.to_string(),
+        });
+    }
     Ok((out, summary))
 }
 
-/// Symmetric per-channel int8 weights along `axis` (0 or 1 of a ≥2-D tensor); returns the values and the channel
-/// scales. When a bias is given, a channel's scale is raised if needed so that its int32 bias cannot overflow.
+/// The [`Reduction`] of node `n` with weight `dims`.
+fn reduction(n: &NodeProto, dims: &[usize]) -> Reduction {
+    let group = n.attribute.iter().find(|a| a.name == "group").map_or(1, |a| a.i);
+    match n.op_type.as_str() {
+        // One input and one output channel per group is what sends ORT to `MlasConvDepthwise*`, whose kernels widen
+        // both operands to i16 and add full products in i32.
+        "Conv" if dims.len() == 4 && dims[1] == 1 && group > 1 && dims[0] as i64 == group => Reduction::Wide,
+        // A 1×1 kernel reduces over input channels alone, whatever the layout: [out, in, 1, 1].
+        "Conv" if dims.len() == 4 && dims[2] * dims[3] == 1 => Reduction::Pairs,
+        // [N, K] with transB, [K, N] without: the reduction axis is the other one.
+        "Gemm" if dims.len() == 2 => Reduction::Pairs,
+        _ => Reduction::AnyPair,
+    }
+}
+
+/// Symmetric per-channel int8 weights along `axis` (0 or 1 of a ≥2-D tensor) within `range` for a kernel that
+/// reduces as `reduction` says; returns the values and the channel scales. When a bias is given, a channel's scale is
+/// raised if needed so that its int32 bias cannot overflow.
 fn quantize_weight(
     w: &[f32],
     dims: &[usize],
     axis: usize,
     in_scale: f32,
     bias: Option<&[f32]>,
-    qmax: f32,
+    range: WeightRange,
+    reduction: Reduction,
 ) -> (Vec<i8>, Vec<f32>) {
     let channels = dims.get(axis).copied().unwrap_or(1).max(1);
-    let inner: usize = dims.iter().skip(axis + 1).product();
-    let channel_of = |i: usize| (i / inner.max(1)) % channels;
-    let mut absmax = vec![0f32; channels];
-    for (i, v) in w.iter().enumerate() {
-        let c = channel_of(i);
-        absmax[c] = absmax[c].max(v.abs());
+    let inner: usize = dims.iter().skip(axis + 1).product::<usize>().max(1);
+    let outer = w.len() / (channels * inner);
+    // Only `Safe` limits pairs; the other ranges treat every kernel as if it could not saturate.
+    let limit = if range == WeightRange::Safe { reduction } else { Reduction::Wide };
+    let qmax = if range == WeightRange::Reduced { 63.0 } else { QMAX };
+    let mut q = vec![0i8; w.len()];
+    let mut scales = Vec::with_capacity(channels);
+    for c in 0..channels {
+        // A channel's elements in increasing index order, which is the reduction order for `Pairs` layers (1×1
+        // convolutions: [out, in]; `Gemm`: [N, K] or [K, N]).
+        let idx: Vec<usize> =
+            (0..outer).flat_map(|o| (0..inner).map(move |t| (o * channels + c) * inner + t)).collect();
+        let vals: Vec<f32> = idx.iter().map(|&i| w[i]).collect();
+        let floor = bias.and_then(|b| b.get(c)).map_or(0.0, |b| b.abs() / (in_scale * (i32::MAX as f32 / 2.0)));
+        let (cq, scale) = quantize_channel(&vals, floor, qmax, limit);
+        for (&i, v) in idx.iter().zip(cq) {
+            q[i] = v;
+        }
+        scales.push(scale);
     }
-    let scales: Vec<f32> = absmax
-        .iter()
-        .enumerate()
-        .map(|(c, &m)| {
-            let s = if m > 0.0 { m / qmax } else { 1.0 };
-            let bias_floor =
-                bias.and_then(|b| b.get(c)).map_or(0.0, |b| b.abs() / (in_scale * (i32::MAX as f32 / 2.0)));
-            s.max(bias_floor)
-        })
-        .collect();
-    let q = w.iter().enumerate().map(|(i, v)| (v / scales[channel_of(i)]).round().clamp(-qmax, qmax) as i8).collect();
     (q, scales)
+}
+
+/// Largest |q₀| + |q₁| of a weight pair that `vpmaddubsw` cannot saturate on: 255 × 128 = 32640 ≤ 32767.
+const SAFE_PAIR: f32 = 128.0;
+
+/// One channel (`vals` in reduction order): symmetric int8 values and their scale (at least `floor`), within ±`qmax`
+/// and with the pairs that `limit` names within [`SAFE_PAIR`].
+fn quantize_channel(vals: &[f32], floor: f32, qmax: f32, limit: Reduction) -> (Vec<i8>, f32) {
+    let absmax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if absmax == 0.0 {
+        return (vec![0; vals.len()], floor.max(1.0));
+    }
+    let round = |s: f32| -> Vec<i8> { vals.iter().map(|v| (v / s).round().clamp(-qmax, qmax) as i8).collect() };
+    let lo = (absmax / qmax).max(floor);
+    match limit {
+        Reduction::Wide => (round(lo), lo),
+        Reduction::AnyPair => {
+            // round(a) + round(b) ≤ a + b + 1, so the two largest magnitudes at ≤ 127 steps keep every pair ≤ 128.
+            let (first, second) =
+                vals.iter().map(|v| v.abs()).fold((0f32, 0f32), |(a, b), v| if v > a { (v, a) } else { (a, b.max(v)) });
+            let s = lo.max((first + second) / (SAFE_PAIR - 1.0));
+            (round(s), s)
+        }
+        Reduction::Pairs => {
+            // At `hi` no pair needs limiting; at `lo` the grid is finest but large pairs must be pulled in. Take the
+            // scale between them with the least squared error after limiting.
+            let widest = vals.chunks(2).map(|p| p.iter().map(|v| v.abs()).sum::<f32>()).fold(0f32, f32::max);
+            let hi = lo.max(widest / (SAFE_PAIR - 1.0));
+            let mut best: Option<(f64, f32, Vec<i8>)> = None;
+            const STEPS: i32 = 24;
+            for k in 0..=STEPS {
+                let s = lo * (hi / lo).powf(k as f32 / STEPS as f32);
+                let mut q = round(s);
+                for j in (0..vals.len().saturating_sub(1)).step_by(2) {
+                    limit_pair(&mut q, j, j + 1, vals[j] / s, vals[j + 1] / s);
+                }
+                let err: f64 = q.iter().zip(vals).map(|(&q, &v)| f64::from(f32::from(q) * s - v).powi(2)).sum();
+                if best.as_ref().is_none_or(|b| err < b.0) {
+                    best = Some((err, s, q));
+                }
+                if hi == lo {
+                    break;
+                }
+            }
+            // Invariant: the loop ran at least once.
+            let (_, s, q) = best.expect("at least one candidate scale");
+            (q, s)
+        }
+    }
+}
+
+/// Moves `q[a]` and `q[b]` (rounded from `xa`, `xb`) towards zero, one step at a time on whichever step adds the
+/// least squared error, until |q[a]| + |q[b]| ≤ 128.
+fn limit_pair(q: &mut [i8], a: usize, b: usize, xa: f32, xb: f32) {
+    let cost = |q: i8, x: f32| {
+        let stepped = f32::from(q - q.signum());
+        (stepped - x).powi(2) - (f32::from(q) - x).powi(2)
+    };
+    while f32::from(q[a].unsigned_abs()) + f32::from(q[b].unsigned_abs()) > SAFE_PAIR {
+        if q[b] == 0 || (q[a] != 0 && cost(q[a], xa) <= cost(q[b], xb)) {
+            q[a] -= q[a].signum();
+        } else {
+            q[b] -= q[b].signum();
+        }
+    }
 }
 
 fn qdq_node(op: &str, name: &str, inputs: [String; 3], output: &str, axis: Option<i64>) -> NodeProto {
@@ -770,7 +909,7 @@ mod tests {
     #[test]
     fn per_channel_weights_round_trip_within_half_a_step() {
         let w: Vec<f32> = vec![0.5, -1.0, 0.25, 0.0, 10.0, -2.5, 0.0, 0.0];
-        let (q, s) = quantize_weight(&w, &[2, 4], 0, 1.0, None, 127.0);
+        let (q, s) = quantize_weight(&w, &[2, 4], 0, 1.0, None, WeightRange::Full, Reduction::Pairs);
         assert_eq!(s.len(), 2);
         assert!((s[0] - 1.0 / 127.0).abs() < 1e-9 && (s[1] - 10.0 / 127.0).abs() < 1e-9);
         for (i, (v, q)) in w.iter().zip(&q).enumerate() {
@@ -778,8 +917,103 @@ mod tests {
         }
         assert_eq!((q[1], q[4]), (-127, 127));
         // An all-zero channel keeps a valid scale.
-        let (_, s) = quantize_weight(&[0.0, 0.0], &[1, 2], 0, 1.0, None, 127.0);
+        let (_, s) = quantize_weight(&[0.0, 0.0], &[1, 2], 0, 1.0, None, WeightRange::Safe, Reduction::Pairs);
         assert_eq!(s, vec![1.0]);
+    }
+
+    /// Deterministic weights with a heavy tail, like a trained layer's.
+    fn weights(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                u * u.abs() * 4.0
+            })
+            .collect()
+    }
+
+    fn squared_error(w: &[f32], q: &[i8], scale_of: impl Fn(usize) -> f32) -> f64 {
+        w.iter().zip(q).enumerate().map(|(i, (v, q))| f64::from(f32::from(*q) * scale_of(i) - v).powi(2)).sum()
+    }
+
+    #[test]
+    fn safe_weights_keep_every_i16_pair_in_range_and_beat_seven_bits() {
+        // [out 32, in 48, 1, 1]: channel c's input channels are indices c*48 .. c*48+47.
+        let (cout, cin) = (32, 48);
+        let w = weights(cout * cin, 7);
+        let (q, s) = quantize_weight(&w, &[cout, cin, 1, 1], 0, 1.0, None, WeightRange::Safe, Reduction::Pairs);
+        for c in 0..cout {
+            for j in (0..cin).step_by(2) {
+                let pair = q[c * cin + j].unsigned_abs() as u32 + q[c * cin + j + 1].unsigned_abs() as u32;
+                assert!(pair <= 128, "channel {c} pair {j}: {pair}");
+            }
+        }
+        assert!(q.iter().any(|v| v.unsigned_abs() > 64), "the 8th bit is used");
+        let (q7, s7) = quantize_weight(&w, &[cout, cin, 1, 1], 0, 1.0, None, WeightRange::Reduced, Reduction::Pairs);
+        assert!(q7.iter().all(|v| v.unsigned_abs() <= 63));
+        let (safe, reduced) = (squared_error(&w, &q, |i| s[i / cin]), squared_error(&w, &q7, |i| s7[i / cin]));
+        assert!(safe < 0.75 * reduced, "safe error {safe} vs 7-bit {reduced}");
+        // Unconstrained 8 bits break the pair limit on the same weights: the check above can fail.
+        let (q8, _) = quantize_weight(&w, &[cout, cin, 1, 1], 0, 1.0, None, WeightRange::Full, Reduction::Pairs);
+        assert!(q8.chunks(2).any(|p| p[0].unsigned_abs() as u32 + p[1].unsigned_abs() as u32 > 128));
+    }
+
+    #[test]
+    fn safe_gemm_pairs_run_along_the_reduction_axis() {
+        // Gemm without transB: [K 6, N 3], output channels on axis 1, so channel c reads indices c, c+3, c+6, …
+        let (k, n) = (6, 3);
+        let mut w = vec![0f32; k * n];
+        // Column 1's K entries 0 and 1 form a pair, both at full range: one of them must give way.
+        w[1] = 1.0;
+        w[n + 1] = -1.0;
+        // Column 2's K entries 0 and 3 are in different pairs: both keep the full range.
+        w[2] = 0.5;
+        w[3 * n + 2] = 0.5;
+        let (q, s) = quantize_weight(&w, &[k, n], 1, 1.0, None, WeightRange::Safe, Reduction::Pairs);
+        assert!(q[1].unsigned_abs() as u32 + q[n + 1].unsigned_abs() as u32 <= 128, "{q:?}");
+        assert!((q[1] as f32 * s[1] - 1.0).abs() < 0.5 && (q[n + 1] as f32 * s[1] + 1.0).abs() < 0.5, "{q:?} {s:?}");
+        assert_eq!((q[2], q[3 * n + 2]), (127, 127), "{q:?}");
+        assert!((s[2] - 0.5 / 127.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn safe_weights_of_other_kernels_keep_any_two_within_range() {
+        let w = weights(16 * 27, 11);
+        let (q, _) = quantize_weight(&w, &[16, 3, 3, 3], 0, 1.0, None, WeightRange::Safe, Reduction::AnyPair);
+        for ch in q.chunks(27) {
+            let mut m: Vec<u32> = ch.iter().map(|v| v.unsigned_abs() as u32).collect();
+            m.sort_unstable();
+            assert!(m[26] + m[25] <= 128, "{m:?}");
+        }
+        // Depthwise kernels accumulate in i32: the full range.
+        let (q, _) = quantize_weight(&w, &[16, 1, 3, 9], 0, 1.0, None, WeightRange::Safe, Reduction::Wide);
+        assert!(q.chunks(27).all(|ch| ch.iter().any(|v| v.unsigned_abs() == 127)));
+    }
+
+    #[test]
+    fn kernels_are_classified_by_how_ort_reduces_them() {
+        let conv = |group: i64| NodeProto {
+            op_type: "Conv".into(),
+            attribute: vec![AttributeProto::int("group", group)],
+            ..Default::default()
+        };
+        assert_eq!(reduction(&conv(32), &[32, 1, 3, 3]), Reduction::Wide);
+        assert_eq!(reduction(&conv(1), &[64, 32, 1, 1]), Reduction::Pairs);
+        assert_eq!(reduction(&conv(1), &[32, 3, 3, 3]), Reduction::AnyPair);
+        // Grouped but not depthwise: ORT runs per-group GEMMs over a layout-dependent order.
+        assert_eq!(reduction(&conv(2), &[32, 16, 3, 3]), Reduction::AnyPair);
+        let gemm = NodeProto { op_type: "Gemm".into(), ..Default::default() };
+        assert_eq!(reduction(&gemm, &[10, 1280]), Reduction::Pairs);
+    }
+
+    #[test]
+    fn weight_ranges_parse() {
+        assert_eq!("safe".parse::<WeightRange>().unwrap(), WeightRange::Safe);
+        assert_eq!("7".parse::<WeightRange>().unwrap(), WeightRange::Reduced);
+        assert_eq!("full".parse::<WeightRange>().unwrap(), WeightRange::Full);
+        assert!("9".parse::<WeightRange>().unwrap_err().contains("safe, reduced or full"));
+        assert_eq!(WeightRange::default().to_string(), "safe");
     }
 
     #[test]

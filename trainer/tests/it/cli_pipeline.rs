@@ -256,6 +256,76 @@ fn curate_train_eval_and_audit_through_the_cli() {
     let (_, r8) = attrd::models::load_and_test(&b8, &attrd::engine::EngineConfig::cpu()).unwrap();
     assert!(r8.max_abs_diff > 0.0 && r8.max_abs_diff <= r8.tolerance.unwrap(), "{r8:?}");
 
+    // Portability: with the default weight range the bundle gives the same bytes on an emulated x86 CPU whose
+    // integer kernels saturate (AVX2 without VNNI) as on one whose kernels cannot; with unconstrained 8-bit weights
+    // it does not, which is what makes the check worth having. scripts/check-int8-portability on the real attrd.
+    if cfg!(target_arch = "x86_64") {
+        let common = ["--run", "run", "--dataset", "ds", "--calibration-items", "32", "--threads", "2"];
+        let mut args = vec!["quantize", "--model", "model.onnx", "--no-sensitivity", "--weight-range", "full"];
+        args.extend(common);
+        args.extend(["-o", "model.full.onnx"]);
+        trainer(&args, w);
+        trainer(
+            &[
+                "package",
+                "--run",
+                "run",
+                "--calibration",
+                "eval/calibration.json",
+                "--dataset",
+                "ds",
+                "--model",
+                "model.full.onnx",
+                "--name",
+                "fashion-test-full",
+                "--version",
+                "0.1.0",
+                "--signing-key",
+                "key.key",
+                "--golden",
+                "4",
+                "-o",
+                "bundle-full",
+            ],
+            w,
+        );
+        let photos: Vec<std::path::PathBuf> =
+            head.iter().skip(1).take(32).map(|l| data.join(l.split(',').nth(1).unwrap())).collect();
+        let check = |bundle: &str| {
+            let out = Command::new(crate::common::manifest_dir().join("../scripts/check-int8-portability"))
+                .arg(w.join(bundle))
+                .args(&photos)
+                .env("ATTRD", crate::common::attrd_binary())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            (out.status.code(), text)
+        };
+        let (code, text) = check("bundle-int8");
+        assert_eq!(code, Some(0), "{text}");
+        let (code, text) = check("bundle-full");
+        assert_eq!(code, Some(1), "unconstrained 8-bit weights should saturate somewhere: {text}");
+        assert!(text.contains("give different results on an x86 CPU without VNNI"), "{text}");
+        // attrd itself refuses the full-range bundle on such a CPU (the check above overrides that to see what it
+        // would compute), and serves the safe one.
+        let on_haswell = |bundle: &str| {
+            Command::new("qemu-x86_64")
+                .args(["-cpu", "Haswell"])
+                .arg(crate::common::attrd_binary())
+                .args(["infer", "--providers", "cpu", "--bundle"])
+                .arg(w.join(bundle))
+                .arg(&photos[0])
+                .output()
+                .unwrap()
+        };
+        let refused = on_haswell("bundle-full");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{stderr}");
+        assert!(stderr.contains("--weight-range full") && stderr.contains("saturate"), "{stderr}");
+        let served = on_haswell("bundle-int8");
+        assert!(served.status.success(), "{}", String::from_utf8_lossy(&served.stderr));
+    }
+
     // Ship: atomically into a directory, and over MQTT to a real broker as a retained upload.
     let out = trainer(&["ship", "bundle", "--to-dir", "fleet"], w);
     assert!(w.join("fleet/fashion-test-0.1.0").is_dir(), "{out}");

@@ -9,7 +9,7 @@ use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use trainer::onnx::proto::ModelProto;
-use trainer::onnx::quant::{self, ActivationType, CalibrationMethod, Calibrator, QuantError};
+use trainer::onnx::quant::{self, ActivationType, CalibrationMethod, Calibrator, QuantError, WeightRange};
 use trainer::onnx::{self, ExportOptions};
 use trainer::weights::{self, ImportOptions};
 
@@ -210,17 +210,42 @@ fn kept_layers_stay_fp32_and_bad_requests_are_refused() {
     let ops = optimized_ops(&sandwiched);
     assert_eq!(fp32_convs(&ops), 1, "blocks.0.dw.conv stays fp32: {ops:?}");
 
-    // Weight precision: 7 bits by default (±63), 8 on request (±127), nothing else.
-    let widest = |m: &ModelProto| {
-        let w = m.graph.as_ref().unwrap().initializer.iter().find(|t| t.name == "blocks.1.dw.conv.weight_quantized");
-        w.expect("quantized weight").raw_data.iter().map(|&b| (b as i8).unsigned_abs()).max().unwrap()
+    // Weight range: 8 bits by default with every i16 pair of a 1×1 conv within 128, 7 bits (±63) or unconstrained
+    // 8 bits on request.
+    let weight = |m: &ModelProto, name: &str| -> Vec<i8> {
+        let w = m.graph.as_ref().unwrap().initializer.iter().find(|t| t.name == format!("{name}.weight_quantized"));
+        w.expect("quantized weight").raw_data.iter().map(|&b| b as i8).collect()
     };
-    assert_eq!(widest(&sandwiched), 63);
+    let widest = |q: &[i8]| q.iter().map(|v| v.unsigned_abs()).max().unwrap();
+    let widest_pair = |q: &[i8]| q.chunks(2).map(|p| p.iter().map(|v| u32::from(v.unsigned_abs())).sum::<u32>()).max();
     let all = all_nodes(&model);
-    let (eight, _) = quant::quantize_qdq_with(&model, &all, &thresholds, ActivationType::U8, 8).expect("8-bit weights");
-    assert_eq!(widest(&eight), 127);
-    let err = quant::quantize_qdq_with(&model, &all, &thresholds, ActivationType::U8, 9).unwrap_err();
-    assert!(matches!(err, QuantError::WeightBits(9)), "{err}");
+    let (safe, _) = quant::quantize_qdq(&model, &all, &thresholds, ActivationType::U8).expect("safe weights");
+    let (reduced, _) =
+        quant::quantize_qdq_with(&model, &all, &thresholds, ActivationType::U8, WeightRange::Reduced).expect("7-bit");
+    let (full, _) =
+        quant::quantize_qdq_with(&model, &all, &thresholds, ActivationType::U8, WeightRange::Full).expect("8-bit");
+    // [24, 96, 1, 1]: rows of 96 input channels, so chunks of 2 are exactly the pairs `vpmaddubsw` adds.
+    let project = "blocks.1.project.conv";
+    assert_eq!(widest(&weight(&safe, "blocks.1.dw.conv")), 127, "depthwise kernels take the full range");
+    assert_eq!(widest(&weight(&safe, project)), 127);
+    assert!(widest_pair(&weight(&safe, project)).unwrap() <= 128);
+    assert!(widest_pair(&weight(&full, project)).unwrap() > 128, "the pair limit is not vacuous on real weights");
+    assert_eq!(widest(&weight(&reduced, "blocks.1.dw.conv")), 63);
+    assert_eq!(widest(&weight(&reduced, project)), 63);
+    // The range travels with the model, for the daemon's check (attrd::engine::INT8_WEIGHT_RANGE_KEY).
+    let range_of = |m: &ModelProto| {
+        let e = m.metadata_props.iter().find(|p| p.key == attrd::engine::INT8_WEIGHT_RANGE_KEY);
+        e.map(|p| p.value.clone())
+    };
+    assert_eq!(range_of(&safe).as_deref(), Some("safe"));
+    assert_eq!(range_of(&full).as_deref(), Some("full"));
+    assert_eq!(range_of(&reduced).as_deref(), Some("reduced"));
+    assert_eq!(range_of(&model), None);
+    // What the range buys: logits closer to fp32 than 7-bit weights give, on the same activation grid.
+    let f = logits(&model, &images);
+    let (safe_err, reduced_err) =
+        (mean_abs_diff(&f, &logits(&safe, &images)), mean_abs_diff(&f, &logits(&reduced, &images)));
+    assert!(safe_err < reduced_err, "safe weights move logits by {safe_err:.3}, 7-bit ones by {reduced_err:.3}");
 
     let one: BTreeSet<String> = ["no.such.node".to_string()].into();
     assert!(
