@@ -224,30 +224,15 @@ fn curate_train_eval_and_audit_through_the_cli() {
     assert!(q.selection.last().unwrap().loss_points <= 1.0 || q.kept_fp32.len() == q.sensitivity.len());
     assert_eq!(q.test.len(), state.heads.len());
     assert!(q.int8_bytes * 2 < q.fp32_bytes, "{} vs {} bytes", q.int8_bytes, q.fp32_bytes);
-    let out = trainer(
-        &[
-            "package",
-            "--run",
-            "run",
-            "--calibration",
-            "eval/calibration.json",
-            "--dataset",
-            "ds",
-            "--model",
-            "model.int8.onnx",
-            "--name",
-            "fashion-test-int8",
-            "--version",
-            "0.1.0",
-            "--signing-key",
-            "key.key",
-            "--golden",
-            "4",
-            "-o",
-            "bundle-int8",
-        ],
-        w,
-    );
+    // An INT8 graph packaged as a signed bundle with 4 golden items.
+    let package_int8 = |model: &str, name: &str, out: &str| {
+        let args = ["package", "--run", "run", "--calibration", "eval/calibration.json", "--dataset", "ds"];
+        let mut args = args.to_vec();
+        args.extend(["--model", model, "--name", name, "--version", "0.1.0", "--signing-key", "key.key"]);
+        args.extend(["--golden", "4", "-o", out]);
+        trainer(&args, w)
+    };
+    let out = package_int8("model.int8.onnx", "fashion-test-int8", "bundle-int8");
     assert!(out.contains("INT8 vs fp32 on the golden set"), "{out}");
     let b8 = attrd::bundle::Bundle::open(w.join("bundle-int8")).unwrap();
     assert_eq!(b8.manifest().precision, attrd::bundle::Precision::Int8);
@@ -265,30 +250,7 @@ fn curate_train_eval_and_audit_through_the_cli() {
         args.extend(common);
         args.extend(["-o", "model.full.onnx"]);
         trainer(&args, w);
-        trainer(
-            &[
-                "package",
-                "--run",
-                "run",
-                "--calibration",
-                "eval/calibration.json",
-                "--dataset",
-                "ds",
-                "--model",
-                "model.full.onnx",
-                "--name",
-                "fashion-test-full",
-                "--version",
-                "0.1.0",
-                "--signing-key",
-                "key.key",
-                "--golden",
-                "4",
-                "-o",
-                "bundle-full",
-            ],
-            w,
-        );
+        package_int8("model.full.onnx", "fashion-test-full", "bundle-full");
         let photos: Vec<std::path::PathBuf> =
             head.iter().skip(1).take(32).map(|l| data.join(l.split(',').nth(1).unwrap())).collect();
         let check = |bundle: &str| {
