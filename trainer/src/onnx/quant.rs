@@ -764,24 +764,19 @@ fn quantize_channel(vals: &[f32], floor: f32, qmax: f32, limit: Reduction) -> (V
             // scale between them with the least squared error after limiting.
             let widest = vals.chunks(2).map(|p| p.iter().map(|v| v.abs()).sum::<f32>()).fold(0f32, f32::max);
             let hi = lo.max(widest / (SAFE_PAIR - 1.0));
-            let mut best: Option<(f64, f32, Vec<i8>)> = None;
             const STEPS: i32 = 24;
-            for k in 0..=STEPS {
+            let steps = if hi > lo { STEPS } else { 0 };
+            let candidates = (0..=steps).map(|k| {
                 let s = lo * (hi / lo).powf(k as f32 / STEPS as f32);
                 let mut q = round(s);
                 for j in (0..vals.len().saturating_sub(1)).step_by(2) {
                     limit_pair(&mut q, j, j + 1, vals[j] / s, vals[j + 1] / s);
                 }
                 let err: f64 = q.iter().zip(vals).map(|(&q, &v)| f64::from(f32::from(q) * s - v).powi(2)).sum();
-                if best.as_ref().is_none_or(|b| err < b.0) {
-                    best = Some((err, s, q));
-                }
-                if hi == lo {
-                    break;
-                }
-            }
-            // Invariant: the loop ran at least once.
-            let (_, s, q) = best.expect("at least one candidate scale");
+                (err, s, q)
+            });
+            // Invariant: the range 0..=steps is never empty.
+            let (_, s, q) = candidates.min_by(|a, b| a.0.total_cmp(&b.0)).expect("at least one candidate scale");
             (q, s)
         }
     }

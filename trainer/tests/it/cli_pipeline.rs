@@ -226,10 +226,11 @@ fn curate_train_eval_and_audit_through_the_cli() {
     assert!(q.int8_bytes * 2 < q.fp32_bytes, "{} vs {} bytes", q.int8_bytes, q.fp32_bytes);
     // An INT8 graph packaged as a signed bundle with 4 golden items.
     let package_int8 = |model: &str, name: &str, out: &str| {
-        let args = ["package", "--run", "run", "--calibration", "eval/calibration.json", "--dataset", "ds"];
-        let mut args = args.to_vec();
-        args.extend(["--model", model, "--name", name, "--version", "0.1.0", "--signing-key", "key.key"]);
-        args.extend(["--golden", "4", "-o", out]);
+        #[rustfmt::skip]
+        let args = [
+            "package", "--run", "run", "--calibration", "eval/calibration.json", "--dataset", "ds", "--model", model,
+            "--name", name, "--version", "0.1.0", "--signing-key", "key.key", "--golden", "4", "-o", out,
+        ];
         trainer(&args, w)
     };
     let out = package_int8("model.int8.onnx", "fashion-test-int8", "bundle-int8");
@@ -245,10 +246,11 @@ fn curate_train_eval_and_audit_through_the_cli() {
     // integer kernels saturate (AVX2 without VNNI) as on one whose kernels cannot; with unconstrained 8-bit weights
     // it does not, which is what makes the check worth having. scripts/check-int8-portability on the real attrd.
     if cfg!(target_arch = "x86_64") {
-        let common = ["--run", "run", "--dataset", "ds", "--calibration-items", "32", "--threads", "2"];
-        let mut args = vec!["quantize", "--model", "model.onnx", "--no-sensitivity", "--weight-range", "full"];
-        args.extend(common);
-        args.extend(["-o", "model.full.onnx"]);
+        #[rustfmt::skip]
+        let args = [
+            "quantize", "--model", "model.onnx", "--run", "run", "--dataset", "ds", "--calibration-items", "32",
+            "--threads", "2", "--no-sensitivity", "--weight-range", "full", "-o", "model.full.onnx",
+        ];
         trainer(&args, w);
         package_int8("model.full.onnx", "fashion-test-full", "bundle-full");
         let photos: Vec<std::path::PathBuf> =
