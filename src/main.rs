@@ -178,6 +178,25 @@ enum ModelCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Run a bundle's self-test (its golden set on the first provider that loads) on this machine without installing
+    /// it; exits non-zero, naming the image and attribute, when the machine does not reproduce it.
+    Test {
+        /// Bundle directory.
+        bundle: PathBuf,
+        /// Public keys (PEM) trusted to sign bundles.
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<PathBuf>,
+        /// Accept a bundle without checking its signature (development only).
+        #[arg(long)]
+        allow_unsigned: bool,
+        /// Execution providers to try, in order.
+        #[arg(long, value_delimiter = ',', default_value = "cuda,tensorrt,cpu")]
+        providers: Vec<Provider>,
+        /// Self-test a bundle whose INT8 weights saturate this CPU's integer kernels instead of refusing to load it
+        /// (diagnosis: shows what its golden set says about this CPU).
+        #[arg(long)]
+        allow_saturating_int8: bool,
+    },
     /// Open a bundle, check its files against the manifest's hashes and its signature against trusted keys.
     Verify {
         /// Bundle directory.
@@ -278,6 +297,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Model(ModelCommand::Test {
+            bundle,
+            trusted_keys,
+            allow_unsigned,
+            providers,
+            allow_saturating_int8,
+        }) => {
+            let b = open_bundle(&bundle, &trusted_keys, allow_unsigned)?;
+            let cfg = EngineConfig { providers, allow_saturating_int8, ..EngineConfig::default() };
+            let (_, report) = attrd::models::load_and_test(&b, &cfg)?;
+            print_self_test(&format!("{}: self-test", b.label()), &report);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Model(ModelCommand::Install { source, store, activate }) => {
             let s = store.open()?;
             let b = s.install(&source).with_context(|| format!("installing {}", source.display()))?;
@@ -315,12 +347,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn print_activation(what: &str, r: &SelfTestReport) {
+    print_self_test(&format!("activated {what}"), r);
+}
+
+fn print_self_test(what: &str, r: &SelfTestReport) {
+    let cpu = match (r.cpu_max_abs_diff, r.cpu_tolerance) {
+        (Some(d), Some(t)) => format!("; packaged CPU result max |dp| {d:.2e} <= {t}"),
+        _ => String::new(),
+    };
     match r.tolerance {
         Some(t) => println!(
-            "activated {what}: golden set passed on {} ({} images, max |dp| {:.2e} <= {t})",
+            "{what}: golden set passed on {} ({} images, max |dp| {:.2e} <= {t}{cpu})",
             r.provider, r.golden_items, r.max_abs_diff
         ),
-        None => println!("activated {what}: smoke test passed on {} (bundle has no golden set)", r.provider),
+        None => println!("{what}: smoke test passed on {} (bundle has no golden set)", r.provider),
     }
 }
 

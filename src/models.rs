@@ -5,7 +5,7 @@
 //! `state.json` is replaced atomically, so a crash mid-activation leaves either the old or the new state.
 
 use crate::bundle::{self, Bundle, BundleError, SignatureStatus, TrustedKeys};
-use crate::engine::{Engine, EngineConfig, EngineError, postprocess};
+use crate::engine::{Engine, EngineConfig, EngineError, Provider, postprocess};
 use crate::preprocess::{Limits, PreprocessError, Preprocessor};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -78,6 +78,12 @@ pub struct SelfTestReport {
     /// Largest probability difference seen against the golden references.
     pub max_abs_diff: f32,
     pub tolerance: Option<f32>,
+    /// Largest difference from the quantized graph's packaged CPU outputs; checked only on the CPU provider, for a
+    /// bundle that carries them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_max_abs_diff: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_tolerance: Option<f32>,
 }
 
 /// The models directory of a node.
@@ -294,9 +300,19 @@ pub fn self_test(b: &Bundle, engine: &Engine) -> Result<SelfTestReport, ModelErr
                 return Err(fail("non-finite probabilities on the smoke-test image".into()));
             }
         }
-        return Ok(SelfTestReport { provider, golden_items: 0, max_abs_diff: 0.0, tolerance: None });
+        return Ok(SelfTestReport {
+            provider,
+            golden_items: 0,
+            max_abs_diff: 0.0,
+            tolerance: None,
+            cpu_max_abs_diff: None,
+            cpu_tolerance: None,
+        });
     };
+    // The packaged CPU outputs bind only the CPU provider: GPU providers run integer kernels of their own.
+    let cpu_check = set.cpu_tolerance.filter(|_| engine.providers().active == Provider::Cpu);
     let mut max_diff = 0f32;
+    let mut cpu_max_diff = 0f32;
     for chunk in set.items.chunks(16) {
         let tensors = chunk
             .iter()
@@ -306,14 +322,31 @@ pub fn self_test(b: &Bundle, engine: &Engine) -> Result<SelfTestReport, ModelErr
         let out = engine.infer_blocking(pre.batch(&tensors)).map_err(|e| fail(e.to_string()))?;
         for (item, probs) in chunk.iter().zip(out.probabilities(m)) {
             for (head, p) in m.heads.iter().zip(&probs) {
+                // The packaged CPU result first: when both fail, "this CPU computes something else" is the cause.
+                if let (Some(tolerance), Some(cpu)) = (cpu_check, &item.cpu_probabilities) {
+                    let want = &cpu[&head.name];
+                    let d = max_abs_diff(p, want);
+                    if !d.is_finite() || d > tolerance {
+                        return Err(fail(format!(
+                            "{} head {:?}: this CPU's INT8 result differs by {d} from the packaged CPU result \
+                             (cpu_tolerance {tolerance}); {}. Its integer kernels compute something else, as a \
+                             bundle quantized with --weight-range full does on an x86 CPU without VNNI",
+                            item.file,
+                            head.name,
+                            top1_vs(head, p, want)
+                        )));
+                    }
+                    cpu_max_diff = cpu_max_diff.max(d);
+                }
                 let want = &item.probabilities[&head.name];
-                let d = p.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let d = max_abs_diff(p, want);
                 if !d.is_finite() || d > set.tolerance {
-                    let got = postprocess::top_k_indices(p, 1)[0];
-                    let exp = postprocess::top_k_indices(want, 1)[0];
                     return Err(fail(format!(
-                        "{} head {:?}: probabilities differ by {d} (tolerance {}); top-1 {:?} vs reference {:?}",
-                        item.file, head.name, set.tolerance, head.classes[got], head.classes[exp]
+                        "{} head {:?}: probabilities differ by {d} (tolerance {}); {}",
+                        item.file,
+                        head.name,
+                        set.tolerance,
+                        top1_vs(head, p, want)
                     )));
                 }
                 max_diff = max_diff.max(d);
@@ -325,5 +358,37 @@ pub fn self_test(b: &Bundle, engine: &Engine) -> Result<SelfTestReport, ModelErr
         golden_items: set.items.len(),
         max_abs_diff: max_diff,
         tolerance: Some(set.tolerance),
+        cpu_max_abs_diff: cpu_check.map(|_| cpu_max_diff),
+        cpu_tolerance: cpu_check,
     })
+}
+
+/// Largest absolute difference of two probability vectors; NaN when either holds a NaN (`f32::max` would drop it,
+/// and a model that outputs NaN must fail its self-test).
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, |m, d| if m.is_nan() || d.is_nan() { f32::NAN } else { m.max(d) })
+}
+
+/// "top-1 X vs reference Y", for a failure message.
+fn top1_vs(head: &bundle::Head, got: &[f32], want: &[f32]) -> String {
+    let got = postprocess::top_k_indices(got, 1)[0];
+    let want = postprocess::top_k_indices(want, 1)[0];
+    format!("top-1 {:?} vs reference {:?}", head.classes[got], head.classes[want])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_abs_diff;
+
+    #[test]
+    fn a_nan_probability_is_never_within_tolerance() {
+        assert_eq!(max_abs_diff(&[0.5, 0.25], &[0.25, 0.5]), 0.25);
+        assert!(max_abs_diff(&[f32::NAN, 0.5], &[0.5, 0.5]).is_nan());
+        assert!(max_abs_diff(&[0.5, f32::NAN], &[0.5, 0.5]).is_nan());
+        assert!(max_abs_diff(&[0.5, 0.5], &[0.5, f32::NAN]).is_nan());
+        assert!(max_abs_diff(&[f32::NAN, 0.5, 0.0], &[0.5, 0.0, 0.5]).is_nan(), "a later difference keeps the NaN");
+    }
 }

@@ -1,5 +1,5 @@
 {
   "algorithm": "ed25519",
   "key_id": "f659e5b717282f2f",
-  "signature": "POkC3eroIpxEQ7Jk/mAesZWNlporuqr4Qgln/hqn0O38IyWWrGwt/e0JGp2KtBIjdDZxLoiJTbi9nVZKXz1dBg=="
+  "signature": "r0mEZV8+xX1WJT7EkCBewL07zuc09JocucApNnKhVMRhMO1zvvTIdmeP8S/RmPzM22ci/GhDuNFBza6IOMjQBw=="
 }

@@ -145,11 +145,21 @@ pub struct GoldenRef {
 
 /// The golden set: images with the probabilities the reference (fp32) model produced for them. Any build of the
 /// model on any execution provider must reproduce them within `tolerance` before it may serve.
+///
+/// A quantized model also carries what the shipped graph itself computed on ONNX Runtime's CPU provider where it was
+/// packaged (`cpu_probabilities`). Its integer kernels are exact wherever they cannot saturate, so another CPU must
+/// land much closer to those than to the fp32 references: `cpu_tolerance` catches a CPU that computes something
+/// else (saturating kernels, a miscompiled kernel) long before the fp32 tolerance, which must allow for quantization
+/// itself, would.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GoldenSet {
-    /// Largest allowed absolute difference of any probability.
+    /// Largest allowed absolute difference of any probability from the fp32 references.
     pub tolerance: f32,
+    /// Largest allowed absolute difference from `cpu_probabilities` on the CPU provider; present exactly when every
+    /// item has `cpu_probabilities`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_tolerance: Option<f32>,
     pub items: Vec<GoldenItem>,
 }
 
@@ -162,6 +172,9 @@ pub struct GoldenItem {
     pub sha256: String,
     /// Head name → expected probabilities (after temperature), in class order.
     pub probabilities: BTreeMap<String, Vec<f32>>,
+    /// Head name → the shipped (quantized) graph's own probabilities on ONNX Runtime's CPU provider, as packaged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_probabilities: Option<BTreeMap<String, Vec<f32>>>,
 }
 
 impl Manifest {

@@ -21,6 +21,7 @@ pub use manifest::{
 pub use sign::{SignatureFile, TrustedKeys, key_id, read_public_key, read_signing_key, sign_manifest, write_keypair};
 
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -185,6 +186,11 @@ impl Bundle {
         if !(set.tolerance.is_finite() && set.tolerance >= 0.0) {
             return Err(BundleError::Golden(format!("tolerance {} must be a non-negative number", set.tolerance)));
         }
+        if let Some(t) = set.cpu_tolerance
+            && !(t.is_finite() && t >= 0.0)
+        {
+            return Err(BundleError::Golden(format!("cpu_tolerance {t} must be a non-negative number")));
+        }
         if set.items.is_empty() {
             return Err(BundleError::Golden("has no items".into()));
         }
@@ -198,28 +204,49 @@ impl Bundle {
                     actual,
                 });
             }
-            for head in &self.manifest.heads {
-                match item.probabilities.get(&head.name) {
-                    Some(p) if p.len() == head.classes.len() && p.iter().all(|v| v.is_finite()) => {}
-                    Some(p) => {
-                        return Err(BundleError::Golden(format!(
-                            "{}: {} probabilities for head {:?} with {} classes (or non-finite values)",
-                            item.file,
-                            p.len(),
-                            head.name,
-                            head.classes.len()
-                        )));
-                    }
-                    None => {
-                        return Err(BundleError::Golden(format!(
-                            "{}: no probabilities for head {:?}",
-                            item.file, head.name
-                        )));
-                    }
+            self.check_probabilities(&item.file, "probabilities", &item.probabilities)?;
+            match (&item.cpu_probabilities, set.cpu_tolerance) {
+                (Some(p), Some(_)) => self.check_probabilities(&item.file, "cpu_probabilities", p)?,
+                (None, None) => {}
+                (Some(_), None) => {
+                    return Err(BundleError::Golden(format!(
+                        "{}: cpu_probabilities without the set's cpu_tolerance",
+                        item.file
+                    )));
+                }
+                (None, Some(_)) => {
+                    return Err(BundleError::Golden(format!(
+                        "{}: no cpu_probabilities, but the set has a cpu_tolerance",
+                        item.file
+                    )));
                 }
             }
         }
         Ok(Some(set))
+    }
+
+    /// One probability vector per head, each with one finite value per class.
+    fn check_probabilities(
+        &self,
+        file: &str,
+        what: &str,
+        probabilities: &BTreeMap<String, Vec<f32>>,
+    ) -> Result<(), BundleError> {
+        for head in &self.manifest.heads {
+            match probabilities.get(&head.name) {
+                Some(p) if p.len() == head.classes.len() && p.iter().all(|v| v.is_finite()) => {}
+                Some(p) => {
+                    return Err(BundleError::Golden(format!(
+                        "{file}: {} {what} for head {:?} with {} classes (or non-finite values)",
+                        p.len(),
+                        head.name,
+                        head.classes.len()
+                    )));
+                }
+                None => return Err(BundleError::Golden(format!("{file}: no {what} for head {:?}", head.name))),
+            }
+        }
+        Ok(())
     }
 
     /// Absolute path of a golden item's image.
@@ -289,7 +316,7 @@ pub struct NewBundle<'a> {
     pub signing_key: Option<&'a ed25519_dalek::SigningKey>,
 }
 
-/// Writes a bundle into `dir` (created; must not exist or be empty), then re-opens it to prove it is valid.
+/// Writes a bundle into `dir` (created; must not exist or be empty), proving it valid by opening it.
 /// The directory is first assembled under a temporary name beside `dir` and renamed into place, so a watcher never
 /// sees half a bundle.
 pub fn write(dir: &Path, new: NewBundle<'_>) -> Result<Bundle, BundleError> {
@@ -345,6 +372,9 @@ pub fn write(dir: &Path, new: NewBundle<'_>) -> Result<Bundle, BundleError> {
             });
         }
     }
+    // Proven valid before it is moved into place, so a refused bundle leaves nothing behind (the staging
+    // directory is removed on drop).
+    Bundle::open(s)?;
     let staged = staging.keep();
     if let Err(source) = std::fs::rename(&staged, dir) {
         let _ = std::fs::remove_dir_all(&staged);

@@ -111,3 +111,102 @@ fn unsigned_and_untrusted_bundles_are_not_installed() {
     assert!(store.install(&tar).is_err());
     assert!(store.list().unwrap().is_empty());
 }
+
+/// The default (INT8) bundle re-signed with the test key as `version`, its golden set changed by `edit`.
+fn int8_variant(
+    dir: &Path,
+    version: &str,
+    edit: impl FnOnce(&mut bundle::GoldenSet),
+) -> Result<PathBuf, bundle::BundleError> {
+    let src = Bundle::open(repo().join("models/fashion-lite0-int8")).unwrap();
+    let mut m = src.manifest().clone();
+    m.version = version.parse().unwrap();
+    let mut set = src.golden().unwrap().expect("the default bundle ships a golden set");
+    let images: Vec<(PathBuf, String)> = set
+        .items
+        .iter()
+        .map(|i| (src.golden_image_path(i), i.file.trim_start_matches("golden/").to_string()))
+        .collect();
+    edit(&mut set);
+    let out = dir.join(format!("int8-{version}"));
+    bundle::write(
+        &out,
+        NewBundle { manifest: m, onnx: &src.onnx_path(), golden: Some((images, set)), signing_key: Some(&test_key()) },
+    )?;
+    Ok(out)
+}
+
+/// An INT8 bundle carries what its graph computed on the packaging machine's CPU, and the CPU provider here must
+/// reproduce that closely (integer kernels are exact), much closer than the fp32 references' tolerance, which has to
+/// allow for quantization itself. References moved by less than that fp32 tolerance but more than the CPU one are
+/// refused, naming the CPU check; so is a golden file whose CPU references and tolerance do not go together.
+#[test]
+fn an_int8_bundle_must_reproduce_its_packaged_cpu_outputs_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store =
+        ModelStore::open(tmp.path().join("models"), TrustedKeys::new([test_key().verifying_key()]), false).unwrap();
+    let cfg = EngineConfig::cpu();
+    let shipped = Bundle::open(repo().join("models/fashion-lite0-int8")).unwrap().golden().unwrap().unwrap();
+    let cpu_tolerance = shipped.cpu_tolerance.expect("the default INT8 bundle ships packaged CPU outputs");
+    assert!(cpu_tolerance < shipped.tolerance / 10.0, "{cpu_tolerance} vs {}", shipped.tolerance);
+
+    // As packaged (on another machine, possibly another CPU): reproduced to within float rounding.
+    store.install(&int8_variant(tmp.path(), "1.0.1", |_| {}).unwrap()).unwrap();
+    let (_, report) = store.activate("fashion-attributes-1.0.1", &cfg).unwrap();
+    assert_eq!(report.golden_items, shipped.items.len());
+    assert_eq!(report.cpu_tolerance, Some(cpu_tolerance));
+    let cpu_diff = report.cpu_max_abs_diff.unwrap();
+    assert!(cpu_diff <= 1e-4, "the CPU reproduces the packaged INT8 outputs: {cpu_diff}");
+    assert!(report.max_abs_diff > 10.0 * cpu_diff.max(1e-4), "INT8 is further from fp32: {report:?}");
+
+    // Packaged CPU outputs off by 3 × cpu_tolerance: within the fp32 tolerance, so only the CPU check can see it.
+    let skew = 3.0 * cpu_tolerance;
+    assert!(report.max_abs_diff + skew < shipped.tolerance);
+    store
+        .install(
+            &int8_variant(tmp.path(), "1.0.2", |set| {
+                for item in &mut set.items {
+                    for p in item.cpu_probabilities.as_mut().unwrap().values_mut() {
+                        p[0] += skew;
+                    }
+                }
+            })
+            .unwrap(),
+        )
+        .unwrap();
+    let err = store.activate("fashion-attributes-1.0.2", &cfg).unwrap_err();
+    assert!(matches!(err, ModelError::SelfTest { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("from the packaged CPU result") && text.contains("cpu_tolerance"), "{text}");
+    assert_eq!(store.active().unwrap().label(), "fashion-attributes@1.0.1", "the old model keeps serving");
+
+    // Without the CPU references the bundle is still served, on its fp32 references alone.
+    store
+        .install(
+            &int8_variant(tmp.path(), "1.0.3", |set| {
+                set.cpu_tolerance = None;
+                set.items.iter_mut().for_each(|item| item.cpu_probabilities = None);
+            })
+            .unwrap(),
+        )
+        .unwrap();
+    let (_, report) = store.activate("fashion-attributes-1.0.3", &cfg).unwrap();
+    assert_eq!((report.cpu_tolerance, report.cpu_max_abs_diff), (None, None));
+
+    // CPU references without their tolerance, or the other way round: the golden file itself is refused, and
+    // nothing is left where the bundle would have been.
+    let err = int8_variant(tmp.path(), "1.0.4", |set| set.cpu_tolerance = None).unwrap_err();
+    assert!(err.to_string().contains("cpu_probabilities without the set's cpu_tolerance"), "{err}");
+    assert!(!tmp.path().join("int8-1.0.4").exists());
+    let err = int8_variant(tmp.path(), "1.0.5", |set| set.items[1].cpu_probabilities = None).unwrap_err();
+    assert!(err.to_string().contains("no cpu_probabilities, but the set has a cpu_tolerance"), "{err}");
+    let err = int8_variant(tmp.path(), "1.0.6", |set| set.cpu_tolerance = Some(-0.01)).unwrap_err();
+    assert!(err.to_string().contains("cpu_tolerance -0.01 must be a non-negative number"), "{err}");
+    assert!(
+        std::fs::read_dir(tmp.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".bundle-staging"))
+    );
+}

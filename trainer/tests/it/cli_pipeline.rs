@@ -238,9 +238,19 @@ fn curate_train_eval_and_audit_through_the_cli() {
     let b8 = attrd::bundle::Bundle::open(w.join("bundle-int8")).unwrap();
     assert_eq!(b8.manifest().precision, attrd::bundle::Precision::Int8);
     assert!(b8.verify(&keys).is_ok());
-    assert_eq!(b8.golden().unwrap().unwrap().items, b.golden().unwrap().unwrap().items, "fp32 references");
+    let (g8, g) = (b8.golden().unwrap().unwrap(), b.golden().unwrap().unwrap());
+    let fp32_refs = |set: &attrd::bundle::GoldenSet| -> Vec<_> {
+        set.items.iter().map(|i| (i.sha256.clone(), i.probabilities.clone())).collect()
+    };
+    assert_eq!(fp32_refs(&g8), fp32_refs(&g), "fp32 references");
+    // …and what the INT8 graph itself computed here, which a CPU must reproduce within the default 0.02.
+    assert_eq!((g8.cpu_tolerance, g.cpu_tolerance), (Some(0.02), None));
+    assert!(
+        g8.items.iter().all(|i| i.cpu_probabilities.is_some()) && g.items.iter().all(|i| i.cpu_probabilities.is_none())
+    );
     let (_, r8) = attrd::models::load_and_test(&b8, &attrd::engine::EngineConfig::cpu()).unwrap();
     assert!(r8.max_abs_diff > 0.0 && r8.max_abs_diff <= r8.tolerance.unwrap(), "{r8:?}");
+    assert!(r8.cpu_max_abs_diff.unwrap() <= 1e-5, "{r8:?}");
 
     // Portability: with the default weight range the bundle gives the same bytes on an emulated x86 CPU whose
     // integer kernels saturate (AVX2 without VNNI) as on one whose kernels cannot; with unconstrained 8-bit weights
@@ -288,6 +298,25 @@ fn curate_train_eval_and_audit_through_the_cli() {
         assert!(stderr.contains("--weight-range full") && stderr.contains("saturate"), "{stderr}");
         let served = on_haswell("bundle-int8");
         assert!(served.status.success(), "{}", String::from_utf8_lossy(&served.stderr));
+        // Overriding that refusal does not let the full-range bundle through: its self-test fails on the outputs it
+        // gave where it was packaged (a CPU with exact kernels), long before the fp32 tolerance would. The safe
+        // bundle passes it on the same emulated CPU.
+        let self_test = |bundle: &str| {
+            let out = Command::new("qemu-x86_64")
+                .args(["-cpu", "Haswell"])
+                .arg(crate::common::attrd_binary())
+                .args(["model", "test", "--providers", "cpu", "--allow-saturating-int8", "--trusted-key", "key.pub"])
+                .arg(bundle)
+                .current_dir(w)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+            (out.status.success(), text)
+        };
+        let (ok, text) = self_test("bundle-full");
+        assert!(!ok && text.contains("from the packaged CPU result"), "{text}");
+        let (ok, text) = self_test("bundle-int8");
+        assert!(ok && text.contains("golden set passed on cpu") && text.contains("packaged CPU result"), "{text}");
     }
 
     // Ship: atomically into a directory, and over MQTT to a real broker as a retained upload.
@@ -320,6 +349,7 @@ fn curate_train_eval_and_audit_through_the_cli() {
     assert_eq!(state["model"]["version"], "0.1.0", "{state}");
     assert_eq!(state["model"]["precision"], "int8", "{state}");
     assert!(state["self_test"]["golden_items"].as_u64().unwrap() > 0, "{state}");
+    assert!(state["self_test"]["cpu_max_abs_diff"].as_f64().unwrap() <= 1e-5, "{state}");
     drop(node);
     let _ = broker.kill();
     let _ = broker.wait();
