@@ -15,29 +15,41 @@ pub(crate) fn test_key() -> SigningKey {
     SigningKey::from_bytes(&[42; 32])
 }
 
-/// A copy of the ImageNet bundle under another version, optionally with its golden references altered.
-pub(crate) fn variant(dir: &Path, version: &str, signer: Option<&SigningKey>, skew_golden: f32) -> PathBuf {
-    let src = Bundle::open(imagenet_bundle()).unwrap();
+/// A copy of the bundle at `src` as `version` in `out`, its golden set changed by `edit`.
+fn rebundle(
+    src: &Path,
+    out: &Path,
+    version: &str,
+    signer: Option<&SigningKey>,
+    edit: impl FnOnce(&mut bundle::GoldenSet),
+) -> Result<PathBuf, bundle::BundleError> {
+    let src = Bundle::open(src).unwrap();
     let mut m = src.manifest().clone();
     m.version = version.parse().unwrap();
-    let mut set = src.golden().unwrap().expect("the ImageNet bundle ships a golden set");
+    let mut set = src.golden().unwrap().expect("the source bundle ships a golden set");
     let images: Vec<(PathBuf, String)> = set
         .items
         .iter()
         .map(|i| (src.golden_image_path(i), i.file.trim_start_matches("golden/").to_string()))
         .collect();
-    for item in &mut set.items {
-        for p in item.probabilities.values_mut() {
-            p[0] += skew_golden;
-        }
-    }
-    let out = dir.join(format!("src-{version}"));
+    edit(&mut set);
     bundle::write(
-        &out,
+        out,
         NewBundle { manifest: m, onnx: &src.onnx_path(), golden: Some((images, set)), signing_key: signer },
-    )
-    .unwrap();
-    out
+    )?;
+    Ok(out.to_path_buf())
+}
+
+/// A copy of the ImageNet bundle under another version, optionally with its golden references altered.
+pub(crate) fn variant(dir: &Path, version: &str, signer: Option<&SigningKey>, skew_golden: f32) -> PathBuf {
+    let skew = |set: &mut bundle::GoldenSet| {
+        for item in &mut set.items {
+            for p in item.probabilities.values_mut() {
+                p[0] += skew_golden;
+            }
+        }
+    };
+    rebundle(&imagenet_bundle(), &dir.join(format!("src-{version}")), version, signer, skew).unwrap()
 }
 
 #[test]
@@ -118,22 +130,8 @@ fn int8_variant(
     version: &str,
     edit: impl FnOnce(&mut bundle::GoldenSet),
 ) -> Result<PathBuf, bundle::BundleError> {
-    let src = Bundle::open(repo().join("models/fashion-lite0-int8")).unwrap();
-    let mut m = src.manifest().clone();
-    m.version = version.parse().unwrap();
-    let mut set = src.golden().unwrap().expect("the default bundle ships a golden set");
-    let images: Vec<(PathBuf, String)> = set
-        .items
-        .iter()
-        .map(|i| (src.golden_image_path(i), i.file.trim_start_matches("golden/").to_string()))
-        .collect();
-    edit(&mut set);
-    let out = dir.join(format!("int8-{version}"));
-    bundle::write(
-        &out,
-        NewBundle { manifest: m, onnx: &src.onnx_path(), golden: Some((images, set)), signing_key: Some(&test_key()) },
-    )?;
-    Ok(out)
+    let src = repo().join("models/fashion-lite0-int8");
+    rebundle(&src, &dir.join(format!("int8-{version}")), version, Some(&test_key()), edit)
 }
 
 /// An INT8 bundle carries what its graph computed on the packaging machine's CPU, and the CPU provider here must
