@@ -101,7 +101,7 @@ async fn serve(config_path: &Path, cfg: &Config, notifier: Notifier, started: In
     notifier.status(&format!("self-testing {}", active.label()));
     let (engine, report) = load_and_test(active.clone(), cfg).await?;
     tracing::info!(model = %active.label(), provider = %report.provider, golden = report.golden_items,
-        max_abs_diff = report.max_abs_diff, cpu_max_abs_diff = ?report.cpu_max_abs_diff, "model ready");
+        max_abs_diff = report.max_abs_diff, cpu_max_abs_diff = report.cpu_max_abs_diff, "model ready");
     let metrics = Metrics::new();
     metrics.set_model(&engine);
     let engine = Arc::new(ArcSwap::from_pointee(engine));

@@ -68,7 +68,7 @@ pub(crate) fn spawn(slot: Arc<ModelSlot>, bundle: Bundle, cfg: &EngineConfig) ->
             }
             Ok((engine, report)) => {
                 tracing::info!(provider = %provider, model = %label, build_s = started.elapsed().as_secs_f32(),
-                    max_abs_diff = report.max_abs_diff, cpu_max_abs_diff = ?report.cpu_max_abs_diff,
+                    max_abs_diff = report.max_abs_diff, cpu_max_abs_diff = report.cpu_max_abs_diff,
                     "background session ready; swapping");
                 slot.swap(engine, report, bundle);
                 slot.background_event(event("ready", None));
