@@ -373,14 +373,15 @@ pub fn write(dir: &Path, new: NewBundle<'_>) -> Result<Bundle, BundleError> {
         }
     }
     // Proven valid before it is moved into place, so a refused bundle leaves nothing behind (the staging
-    // directory is removed on drop).
-    Bundle::open(s)?;
+    // directory is removed on drop). The rename moves those very files, so the opened bundle only changes its path.
+    let mut bundle = Bundle::open(s)?;
     let staged = staging.keep();
     if let Err(source) = std::fs::rename(&staged, dir) {
         let _ = std::fs::remove_dir_all(&staged);
         return Err(BundleError::Io { path: dir.to_path_buf(), source });
     }
-    Bundle::open(dir)
+    bundle.dir = dir.to_path_buf();
+    Ok(bundle)
 }
 
 /// The file names a bundle may contain at its top level, for the archive reader.
