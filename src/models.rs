@@ -366,9 +366,9 @@ pub fn self_test(b: &Bundle, engine: &Engine) -> Result<SelfTestReport, ModelErr
     })
 }
 
-/// Largest absolute difference of two probability vectors; NaN when either holds a NaN (`f32::max` would drop it,
-/// and a model that outputs NaN must fail its self-test).
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+/// Largest absolute difference of two probability vectors (over their common length); NaN when either holds a NaN
+/// (`f32::max` would drop it, and a model that outputs NaN must fail its self-test).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
