@@ -158,12 +158,16 @@ fn model_test_self_tests_a_bundle_on_this_machine() {
     let repo = crate::common::repo();
     let bundle = repo.join("models/fashion-lite0-int8");
     let key = repo.join("config/keys/attrd-demo.pub");
-    let run = |prefix: &[&str], bundle: &std::path::Path, key: &std::path::Path| {
-        let (program, emulated) = prefix.split_first().map_or((env!("CARGO_BIN_EXE_attrd"), &[][..]), |(p, a)| (*p, a));
-        let mut cmd = Command::new(program);
-        if !emulated.is_empty() {
-            cmd.args(emulated).arg(env!("CARGO_BIN_EXE_attrd"));
-        }
+    // `emulate`: run under qemu-user as this x86 CPU model.
+    let run = |emulate: Option<&str>, bundle: &std::path::Path, key: &std::path::Path| {
+        let mut cmd = match emulate {
+            Some(cpu) => {
+                let mut c = Command::new("qemu-x86_64");
+                c.args(["-cpu", cpu, env!("CARGO_BIN_EXE_attrd")]);
+                c
+            }
+            None => attrd(),
+        };
         let out =
             cmd.args(["model", "test", "--providers", "cpu", "--trusted-key"]).arg(key).arg(bundle).output().unwrap();
         (
@@ -171,12 +175,12 @@ fn model_test_self_tests_a_bundle_on_this_machine() {
             String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    let (ok, text) = run(&[], &bundle, &key);
+    let (ok, text) = run(None, &bundle, &key);
     assert!(ok, "{text}");
     assert!(text.contains("fashion-attributes@1.0.0: self-test: golden set passed on cpu (32 images"), "{text}");
     assert!(text.contains("packaged CPU result max |dp|"), "{text}");
     if cfg!(target_arch = "x86_64") {
-        let (ok, text) = run(&["qemu-x86_64", "-cpu", "Haswell"], &bundle, &key);
+        let (ok, text) = run(Some("Haswell"), &bundle, &key);
         assert!(ok && text.contains("packaged CPU result max |dp|"), "{text}");
     }
 
@@ -184,10 +188,10 @@ fn model_test_self_tests_a_bundle_on_this_machine() {
     let tmp = tempfile::tempdir().unwrap();
     let skewed = crate::models::variant(tmp.path(), "9.0.0", Some(&crate::models::test_key()), 0.05);
     let (_, test_pub) = attrd::bundle::write_keypair(&crate::models::test_key(), &tmp.path().join("test")).unwrap();
-    let (ok, text) = run(&[], &skewed, &test_pub);
+    let (ok, text) = run(None, &skewed, &test_pub);
     assert!(!ok, "{text}");
     assert!(text.contains("imagenet-lite0@9.0.0 failed its self-test on cpu: golden/"), "{text}");
     assert!(text.contains("probabilities differ by"), "{text}");
-    let (ok, text) = run(&[], &skewed, &key);
+    let (ok, text) = run(None, &skewed, &key);
     assert!(!ok && text.contains("not trusted"), "{text}");
 }
