@@ -7,8 +7,9 @@
 //! a fixed synthetic batch: per-group learning rates, host→device copy of the images (channels-last when asked),
 //! forward under `tch::autocast`, fit's own masked label-smoothed cross-entropy per head (`fit::head_loss`) with the
 //! per-head loss read back (fit logs it), backward of the scaled loss, unscale + global-norm check + clipping, AdamW
-//! step. The loop body and the private `LossScaler` are replicated rather than shared so that the benchmark cannot
-//! change the training loop; keep the two in step when fit.rs changes.
+//! step. The loss scaler and the channels-last conversions are fit's own (`fit::LossScaler`, …); the loop body is
+//! replicated, because fit's is interleaved with its data pipeline and progress reporting: keep the two in step when
+//! fit.rs changes.
 //! Hyperparameters come from `TrainConfig::default()`, so they follow whatever `trainer train` uses by default, and
 //! are echoed in the JSON so the driver can check the Python peer used the same ones.
 
@@ -19,7 +20,7 @@ use clap::Parser;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 use trainer::effnet::Arch;
-use trainer::torch::fit::head_loss;
+use trainer::torch::fit::{INITIAL_LOSS_SCALE, LossScaler, as_channels_last, head_loss, to_channels_last};
 use trainer::torch::{
     BN_MOMENTUM, EffNet, GROUP_BACKBONE_DECAY, GROUP_BACKBONE_NO_DECAY, GROUP_HEAD_DECAY, GROUP_HEAD_NO_DECAY,
 };
@@ -119,7 +120,7 @@ fn main() -> Result<()> {
     // fit's batches arrive as host f32 buffers; keeping one on the host makes every step pay the same copy.
     let images = Tensor::randn([args.batch, 3, args.res, args.res], (Kind::Float, Device::Cpu));
     let targets = synthetic_targets(args.batch as usize, args.heads, args.classes);
-    let mut scaler = LossScaler { scale: if args.amp { 65536.0 } else { 1.0 }, good: 0, enabled: args.amp };
+    let mut scaler = LossScaler::new(args.amp, INITIAL_LOSS_SCALE);
     let mut step = Step { model: &model, vs: &mut vs, opt: &mut opt, cfg: &cfg, device, args: &args };
 
     let mut skipped = 0usize;
@@ -137,7 +138,7 @@ fn main() -> Result<()> {
         sync(device);
         ms.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    report(&args, &cfg, &ms, skipped, scaler.scale)
+    report(&args, &cfg, &ms, skipped, scaler.scale())
 }
 
 fn parse_device(name: &str) -> Result<Device> {
@@ -207,73 +208,8 @@ impl Step<'_> {
         let lv = loss.double_value(&[]);
         std::hint::black_box((head_sum, lv));
         self.opt.zero_grad();
-        (&loss * scaler.scale).backward();
-        scaler.step(self.opt, self.vs, cfg.clip_grad_norm)
-    }
-}
-
-/// Copy of fit.rs's `as_channels_last`: the same NCHW tensor with NHWC strides.
-fn as_channels_last(t: &Tensor) -> Tensor {
-    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
-}
-
-/// Copy of fit.rs's `to_channels_last`.
-fn to_channels_last(vs: &nn::VarStore) {
-    tch::no_grad(|| {
-        for (_, mut v) in vs.variables() {
-            if v.dim() == 4 {
-                let cl = as_channels_last(&v);
-                v.set_data(&cl);
-            }
-        }
-    });
-}
-
-/// Copy of fit.rs's `LossScaler` (dynamic fp16 loss scaling, unscale, finite check, global-norm clipping, step).
-struct LossScaler {
-    scale: f64,
-    good: usize,
-    enabled: bool,
-}
-
-impl LossScaler {
-    fn step(&mut self, opt: &mut nn::Optimizer, vs: &nn::VarStore, clip: f64) -> Result<bool> {
-        let vars = vs.trainable_variables();
-        let mut grads: Vec<Tensor> = vars.iter().map(Tensor::grad).filter(Tensor::defined).collect();
-        let norm = tch::no_grad(|| -> Result<f64> {
-            if self.enabled {
-                for g in &mut grads {
-                    let _ = g.f_div_scalar_(self.scale)?;
-                }
-            }
-            let sq: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
-            Ok(if sq.is_empty() { 0.0 } else { Tensor::stack(&sq, 0).sum(Kind::Float).sqrt().double_value(&[]) })
-        })?;
-        if !norm.is_finite() {
-            if self.enabled {
-                self.scale = (self.scale / 2.0).max(1.0);
-                self.good = 0;
-            }
-            opt.zero_grad();
-            return Ok(false);
-        }
-        if clip > 0.0 && norm > clip {
-            let k = clip / (norm + 1e-6);
-            tch::no_grad(|| -> Result<()> {
-                for g in &mut grads {
-                    let _ = g.f_mul_scalar_(k)?;
-                }
-                Ok(())
-            })?;
-        }
-        opt.step();
-        if self.enabled {
-            self.good += 1;
-            if self.good.is_multiple_of(2000) {
-                self.scale = (self.scale * 2.0).min(2f64.powi(24));
-            }
-        }
-        Ok(true)
+        (&loss * scaler.scale()).backward();
+        Ok(scaler.step(self.opt, self.vs, cfg.clip_grad_norm)?)
     }
 }
 

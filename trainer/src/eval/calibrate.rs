@@ -330,6 +330,41 @@ pub struct ClassThreshold {
     pub precision: Option<f64>,
 }
 
+impl ClassThreshold {
+    /// The smallest of the observed probabilities that, as a threshold on `cells` (probability, right), accepts at
+    /// least `min_support` cells (values below 1 count as 1) with precision `>= target_precision`; ties are never
+    /// split. `always_abstain` with threshold 1.0 when none does. `predicted` counts all the cells.
+    pub fn smallest_reaching(mut cells: Vec<(f32, bool)>, target_precision: f64, min_support: u64) -> Self {
+        let need = min_support.max(1);
+        cells.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let mut best: Option<(f32, u64, u64)> = None;
+        let (mut accepted, mut right) = (0u64, 0u64);
+        for (k, &(p, ok)) in cells.iter().enumerate() {
+            accepted += 1;
+            right += u64::from(ok);
+            // Only at the end of a run of equal probabilities: a threshold cannot split ties.
+            let run_ends = cells.get(k + 1).is_none_or(|next| next.0 < p);
+            // Divide rather than multiply the target: a correctly rounded k/n equals a target literal that
+            // is mathematically k/n (9/10 vs 0.9), whereas 0.9 · 10 need not be exactly 9.
+            if run_ends && accepted >= need && right as f64 / accepted as f64 >= target_precision {
+                // Scanning downwards, a later hit is a smaller threshold.
+                best = Some((p, accepted, right));
+            }
+        }
+        let predicted = cells.len() as u64;
+        match best {
+            Some((threshold, accepted, right)) => ClassThreshold {
+                threshold,
+                always_abstain: false,
+                predicted,
+                accepted,
+                precision: Some(right as f64 / accepted as f64),
+            },
+            None => ClassThreshold { threshold: 1.0, always_abstain: true, predicted, accepted: 0, precision: None },
+        }
+    }
+}
+
 /// Per-class thresholds reaching a target precision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrecisionThresholds {
@@ -369,39 +404,9 @@ pub fn thresholds_for_precision(
         let best = argmax(row);
         by_class[best].push((row[best], best == y));
     }
-    let need = min_support.max(1);
     let per_class = by_class
         .into_iter()
-        .map(|mut items| {
-            items.sort_by(|a, b| b.0.total_cmp(&a.0));
-            let mut best: Option<(f32, u64, u64)> = None;
-            let (mut accepted, mut right) = (0u64, 0u64);
-            for (k, &(p, ok)) in items.iter().enumerate() {
-                accepted += 1;
-                right += u64::from(ok);
-                // Only at the end of a run of equal probabilities: a threshold cannot split ties.
-                let run_ends = items.get(k + 1).is_none_or(|next| next.0 < p);
-                // Divide rather than multiply the target: a correctly rounded k/n equals a target literal that
-                // is mathematically k/n (9/10 vs 0.9), whereas 0.9 · 10 need not be exactly 9.
-                if run_ends && accepted >= need && right as f64 / accepted as f64 >= target_precision {
-                    // Scanning downwards, a later hit is a smaller threshold.
-                    best = Some((p, accepted, right));
-                }
-            }
-            let predicted = items.len() as u64;
-            match best {
-                Some((threshold, accepted, right)) => ClassThreshold {
-                    threshold,
-                    always_abstain: false,
-                    predicted,
-                    accepted,
-                    precision: Some(right as f64 / accepted as f64),
-                },
-                None => {
-                    ClassThreshold { threshold: 1.0, always_abstain: true, predicted, accepted: 0, precision: None }
-                }
-            }
-        })
+        .map(|items| ClassThreshold::smallest_reaching(items, target_precision, min_support))
         .collect();
     Ok(PrecisionThresholds { target_precision, min_support, classes: per_class })
 }

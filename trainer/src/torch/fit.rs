@@ -244,7 +244,7 @@ pub fn fit(input: FitInput<'_>) -> Result<FitSummary, FitError> {
             best_val_f1: f64::NEG_INFINITY,
             best_epoch: 0,
             stale_epochs: 0,
-            loss_scale: 65536.0,
+            loss_scale: INITIAL_LOSS_SCALE,
             log: Vec::new(),
         }
     };
@@ -276,7 +276,7 @@ pub fn fit(input: FitInput<'_>) -> Result<FitSummary, FitError> {
         min_ratio: cfg.min_lr_ratio,
     };
     let amp = cuda && cfg.amp;
-    let mut scaler = LossScaler { scale: if amp { state.loss_scale } else { 1.0 }, good: 0, enabled: amp };
+    let mut scaler = LossScaler::new(amp, state.loss_scale);
     let csv_path = out.join(METRICS_CSV);
     if !input.resume {
         let header = metrics_csv_header(&names);
@@ -377,7 +377,7 @@ pub fn fit(input: FitInput<'_>) -> Result<FitSummary, FitError> {
                 }
                 let lv = loss.double_value(&[]);
                 opt.zero_grad();
-                (&loss * scaler.scale).backward();
+                (&loss * scaler.scale()).backward();
                 if scaler.step(&mut opt, &vs, cfg.clip_grad_norm)? && lv.is_finite() {
                     bad_in_a_row = 0;
                     total_loss += lv * batch.n as f64;
@@ -455,7 +455,7 @@ pub fn fit(input: FitInput<'_>) -> Result<FitSummary, FitError> {
             state.stale_epochs += 1;
         }
         state.epochs_done = epoch + 1;
-        state.loss_scale = scaler.scale;
+        state.loss_scale = scaler.scale();
         state.log.push(log);
         let json = serde_json::to_vec_pretty(&state)
             .map_err(|e| FitError::Resume { dir: out.to_owned(), reason: e.to_string() })?;
@@ -564,11 +564,12 @@ fn images_tensor(batch: &Batch, pre: &Preprocessor, device: Device, channels_las
 }
 
 /// The same NCHW tensor with NHWC strides, which is how PyTorch marks channels-last memory format.
-fn as_channels_last(t: &Tensor) -> Tensor {
+pub fn as_channels_last(t: &Tensor) -> Tensor {
     t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
-fn to_channels_last(vs: &nn::VarStore) {
+/// Every 4-d variable (the convolution weights) of `vs` in channels-last memory format.
+pub fn to_channels_last(vs: &nn::VarStore) {
     tch::no_grad(|| {
         for (_, mut v) in vs.variables() {
             if v.dim() == 4 {
@@ -579,18 +580,31 @@ fn to_channels_last(vs: &nn::VarStore) {
     });
 }
 
+/// The fp16 loss scale a new run starts at (PyTorch's GradScaler default).
+pub const INITIAL_LOSS_SCALE: f64 = 65536.0;
+
 /// Dynamic loss scaling for fp16 (what PyTorch's GradScaler does): gradients are unscaled before clipping, a step
 /// with non-finite gradients is skipped and halves the scale, 2000 good steps double it. Without AMP the scale stays
 /// 1 and only the non-finite check remains.
-struct LossScaler {
+pub struct LossScaler {
     scale: f64,
     good: usize,
     enabled: bool,
 }
 
 impl LossScaler {
+    /// Starts at `initial` (a resumed run's saved scale) with AMP, at 1 and never rescaling without it.
+    pub fn new(amp: bool, initial: f64) -> Self {
+        Self { scale: if amp { initial } else { 1.0 }, good: 0, enabled: amp }
+    }
+
+    /// What the loss is multiplied by before `backward`.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
     /// Unscales, checks, clips and steps; false when the step was skipped.
-    fn step(&mut self, opt: &mut nn::Optimizer, vs: &nn::VarStore, clip: f64) -> Result<bool, FitError> {
+    pub fn step(&mut self, opt: &mut nn::Optimizer, vs: &nn::VarStore, clip: f64) -> Result<bool, FitError> {
         let vars = vs.trainable_variables();
         let mut grads: Vec<Tensor> = vars.iter().map(Tensor::grad).filter(Tensor::defined).collect();
         let norm = tch::no_grad(|| -> Result<f64, FitError> {

@@ -587,35 +587,10 @@ fn multi_label_thresholds(
     target_precision: f64,
     min_support: u64,
 ) -> PrecisionThresholds {
-    let need = min_support.max(1);
     let classes = (0..targets.ncols())
         .map(|c| {
-            let mut cells: Vec<(f32, bool)> =
-                probs.column(c).iter().zip(targets.column(c)).filter_map(|(&p, t)| t.map(|y| (p, y))).collect();
-            cells.sort_by(|a, b| b.0.total_cmp(&a.0));
-            let (mut accepted, mut right) = (0u64, 0u64);
-            let mut best = None;
-            for (k, &(p, positive)) in cells.iter().enumerate() {
-                accepted += 1;
-                right += u64::from(positive);
-                let run_ends = cells.get(k + 1).is_none_or(|next| next.0 < p);
-                if run_ends && accepted >= need && right as f64 / accepted as f64 >= target_precision {
-                    best = Some((p, accepted, right));
-                }
-            }
-            let predicted = cells.len() as u64;
-            match best {
-                Some((threshold, accepted, right)) => ClassThreshold {
-                    threshold,
-                    always_abstain: false,
-                    predicted,
-                    accepted,
-                    precision: Some(right as f64 / accepted as f64),
-                },
-                None => {
-                    ClassThreshold { threshold: 1.0, always_abstain: true, predicted, accepted: 0, precision: None }
-                }
-            }
+            let cells = probs.column(c).iter().zip(targets.column(c)).filter_map(|(&p, t)| t.map(|y| (p, y))).collect();
+            ClassThreshold::smallest_reaching(cells, target_precision, min_support)
         })
         .collect();
     PrecisionThresholds { target_precision, min_support, classes }
@@ -701,6 +676,69 @@ impl Ctx<'_> {
         move |source| ReportError::Metrics { head: self.heads[h].name.clone(), what, source }
     }
 
+    /// A head's evaluation before the test split is measured: its calibration, the notes on it, the test split's
+    /// label coverage, and a summary the caller fills in. When the split has no labelled items it is complete, with
+    /// a note saying so.
+    fn head_eval(
+        &self,
+        h: usize,
+        calibration_labelled: u64,
+        temperature_fit: Option<TemperatureFit>,
+        thresholds: PrecisionThresholds,
+        mut notes: Vec<String>,
+    ) -> HeadEval {
+        let (opts, head) = (self.opts, &self.heads[h]);
+        let temperature = temperature_fit.as_ref().map_or(1.0, |f| f.temperature);
+        if temperature_fit.as_ref().is_some_and(|f| f.at_bound) {
+            notes.push(format!(
+                "the temperature fit stopped at its bound ({temperature}): the validation set is too easy or too small"
+            ));
+        }
+        let abstaining = thresholds.classes.iter().filter(|c| c.always_abstain).count();
+        if abstaining > 0 {
+            let outcome = if head.multi_label { "are never predicted" } else { "always abstain" };
+            notes.push(format!(
+                "{abstaining} of {} classes never reach precision {} with {} validation items and {outcome}",
+                head.classes.len(),
+                opts.target_precision,
+                opts.min_support
+            ));
+        }
+        let coverage = coverage(self.test, h);
+        if coverage.labelled == 0 {
+            notes.push(format!("no labelled items in the {} split: nothing to measure", opts.split));
+        }
+        HeadEval {
+            name: head.name.clone(),
+            multi_label: head.multi_label,
+            classes: head.classes.clone(),
+            summary: HeadSummary {
+                evaluated: coverage.labelled,
+                accuracy: None,
+                macro_f1: None,
+                micro_f1: None,
+                weighted_f1: None,
+                top_k: Vec::new(),
+                ece_before: None,
+                ece_after: None,
+                temperature,
+                coverage: None,
+                accepted_accuracy: None,
+            },
+            labels: coverage,
+            calibration_labelled,
+            temperature_fit,
+            thresholds,
+            reliability_before: None,
+            reliability_after: None,
+            single_label: None,
+            multi_label_metrics: None,
+            gradcam: Vec::new(),
+            plots: HeadPlots::default(),
+            notes,
+        }
+    }
+
     fn single_label_head(
         &self,
         h: usize,
@@ -726,52 +764,9 @@ impl Ctx<'_> {
             (None, abstain_everywhere(classes, opts.target_precision, opts.min_support))
         };
         let temperature = temperature_fit.as_ref().map_or(1.0, |f| f.temperature);
-        if temperature_fit.as_ref().is_some_and(|f| f.at_bound) {
-            notes.push(format!(
-                "the temperature fit stopped at its bound ({temperature}): the validation set is too easy or too small"
-            ));
-        }
-        let abstaining = thresholds.classes.iter().filter(|c| c.always_abstain).count();
-        if abstaining > 0 {
-            notes.push(format!(
-                "{abstaining} of {classes} classes never reach precision {} with {} validation items and always abstain",
-                opts.target_precision, opts.min_support
-            ));
-        }
-
         let labels = single_labels(self.test, h);
-        let coverage = coverage(self.test, h);
-        let mut e = HeadEval {
-            name: head.name.clone(),
-            multi_label: false,
-            classes: head.classes.clone(),
-            summary: HeadSummary {
-                evaluated: 0,
-                accuracy: None,
-                macro_f1: None,
-                micro_f1: None,
-                weighted_f1: None,
-                top_k: Vec::new(),
-                ece_before: None,
-                ece_after: None,
-                temperature,
-                coverage: None,
-                accepted_accuracy: None,
-            },
-            labels: coverage,
-            calibration_labelled,
-            temperature_fit,
-            thresholds,
-            reliability_before: None,
-            reliability_after: None,
-            single_label: None,
-            multi_label_metrics: None,
-            gradcam: Vec::new(),
-            plots: HeadPlots::default(),
-            notes,
-        };
-        if coverage.labelled == 0 {
-            e.notes.push(format!("no labelled items in the {} split: nothing to measure", opts.split));
+        let mut e = self.head_eval(h, calibration_labelled, temperature_fit, thresholds, notes);
+        if e.labels.labelled == 0 {
             return Ok(e);
         }
         let raw = calibrate::softmax(test_logits, 1.0).map_err(self.metrics_err(h, "softmax"))?;
@@ -874,47 +869,9 @@ impl Ctx<'_> {
             (None, abstain_everywhere(classes, opts.target_precision, opts.min_support))
         };
         let temperature = temperature_fit.as_ref().map_or(1.0, |f| f.temperature);
-        let abstaining = thresholds.classes.iter().filter(|c| c.always_abstain).count();
-        if abstaining > 0 {
-            notes.push(format!(
-                "{abstaining} of {classes} classes never reach precision {} with {} validation items and are never predicted",
-                opts.target_precision, opts.min_support
-            ));
-        }
-
         let targets = multi_targets(self.test, h, classes);
-        let coverage = coverage(self.test, h);
-        let mut e = HeadEval {
-            name: head.name.clone(),
-            multi_label: true,
-            classes: head.classes.clone(),
-            summary: HeadSummary {
-                evaluated: coverage.labelled,
-                accuracy: None,
-                macro_f1: None,
-                micro_f1: None,
-                weighted_f1: None,
-                top_k: Vec::new(),
-                ece_before: None,
-                ece_after: None,
-                temperature,
-                coverage: None,
-                accepted_accuracy: None,
-            },
-            labels: coverage,
-            calibration_labelled,
-            temperature_fit,
-            thresholds,
-            reliability_before: None,
-            reliability_after: None,
-            single_label: None,
-            multi_label_metrics: None,
-            gradcam: Vec::new(),
-            plots: HeadPlots::default(),
-            notes,
-        };
-        if coverage.labelled == 0 {
-            e.notes.push(format!("no labelled items in the {} split: nothing to measure", opts.split));
+        let mut e = self.head_eval(h, calibration_labelled, temperature_fit, thresholds, notes);
+        if e.labels.labelled == 0 {
             return Ok(e);
         }
         let raw = calibrate::sigmoid(test_logits, 1.0).map_err(self.metrics_err(h, "sigmoid"))?;

@@ -168,6 +168,14 @@ fn eval_reports_calibration_metrics_plots_and_gradcam_of_a_real_run() {
     let multi = parsed.heads[2].multi_label_metrics.as_ref().unwrap();
     assert_eq!(multi.at_thresholds.per_class.len(), heads[2].classes.len());
 
+    // Both kinds of head count what they evaluated the same way, and name their always-abstaining classes.
+    for e in &parsed.heads {
+        assert_eq!(e.summary.evaluated, e.labels.labelled, "{}", e.name);
+        let abstaining = e.thresholds.classes.iter().filter(|c| c.always_abstain).count();
+        let prefix = format!("{abstaining} of {} classes never reach precision", e.classes.len());
+        assert_eq!(e.notes.iter().any(|n| n.starts_with(&prefix)), abstaining > 0, "{}: {:?}", e.name, e.notes);
+    }
+
     // calibration.json: a finite positive temperature and one threshold in [0, 1] per class, for every head.
     let cal: Calibration = serde_json::from_slice(&std::fs::read(out.join(report::CALIBRATION_FILE)).unwrap()).unwrap();
     assert_eq!(
