@@ -37,8 +37,6 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 /// Largest accepted `/v1/capture` body; the request is a few names.
 const MAX_CAPTURE_BODY: usize = 64 * 1024;
-/// Longest accepted SKU, in characters.
-pub const MAX_SKU_CHARS: usize = 128;
 
 /// `[http]` section of the daemon configuration.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -310,19 +308,13 @@ pub async fn serve_on(
     Ok(())
 }
 
-/// Checks a SKU from a client: 1–[`MAX_SKU_CHARS`] characters, not blank, no control characters.
+/// Checks a SKU from a client: not blank, and usable as the segment of its result topic
+/// ([`crate::mqtt::topics::check_sku`]: 1–128 bytes, no `/`, `+`, `#` or control characters, not starting with `$`).
 pub fn validate_sku(sku: &str) -> Result<(), String> {
     if sku.trim().is_empty() {
         return Err("sku is empty".into());
     }
-    let n = sku.chars().count();
-    if n > MAX_SKU_CHARS {
-        return Err(format!("sku is {n} characters long, over the {MAX_SKU_CHARS}-character limit"));
-    }
-    if sku.chars().any(char::is_control) {
-        return Err("sku contains control characters".into());
-    }
-    Ok(())
+    crate::mqtt::topics::check_sku(sku).map_err(|e| e.to_string())
 }
 
 // ----- errors ----------------------------------------------------------------------------------------------------
@@ -729,10 +721,17 @@ mod tests {
 
     #[test]
     fn sku_validation() {
-        validate_sku("ABC-123/red").unwrap();
+        validate_sku("ABC-123.red").unwrap();
+        validate_sku(&"x".repeat(128)).unwrap();
         assert!(validate_sku("").is_err());
         assert!(validate_sku("  ").is_err());
-        assert!(validate_sku("a\nb").is_err());
-        assert!(validate_sku(&"x".repeat(129)).unwrap_err().contains("129 characters"));
+        assert!(validate_sku("a\nb").unwrap_err().contains("'\\n'"), "{}", validate_sku("a\nb").unwrap_err());
+        // Not a topic segment: a separator, a wildcard, a broker-reserved name.
+        assert!(validate_sku("ABC-123/red").unwrap_err().contains("'/'"));
+        assert!(validate_sku("A+B").unwrap_err().contains("'+'"));
+        assert!(validate_sku("$SYS").unwrap_err().contains("must not start with '$'"));
+        // The limit is the topic's, in bytes: 43 three-byte characters are 129 bytes.
+        assert!(validate_sku(&"x".repeat(129)).unwrap_err().contains("129 bytes"));
+        assert!(validate_sku(&"品".repeat(43)).unwrap_err().contains("129 bytes"));
     }
 }

@@ -133,6 +133,20 @@ pub enum OutboxError {
     Closed,
 }
 
+impl OutboxError {
+    /// The error is about the message itself (too large, not an object, a bad topic or QoS): storing the same
+    /// message again will be refused again, whatever the outbox's state.
+    pub fn refuses_the_message(&self) -> bool {
+        matches!(
+            self,
+            OutboxError::TooLarge { .. }
+                | OutboxError::NotAnObject(_)
+                | OutboxError::InvalidTopic(_)
+                | OutboxError::InvalidQos(_)
+        )
+    }
+}
+
 impl From<rusqlite::Error> for OutboxError {
     fn from(e: rusqlite::Error) -> Self {
         Self::Sqlite(Arc::new(e))

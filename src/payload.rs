@@ -146,23 +146,9 @@ pub struct ViewResult {
     pub attributes: Attributes,
 }
 
-/// A SKU made safe to use as one MQTT topic level: `/`, `+`, `#`, NUL and other control characters become `_`.
-/// An empty SKU becomes `_` so that the topic never gains an empty level.
-pub fn topic_segment(sku: &str) -> String {
-    let s: String = sku.chars().map(|c| if matches!(c, '/' | '+' | '#') || c.is_control() { '_' } else { c }).collect();
-    if s.is_empty() { "_".to_string() } else { s }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn topic_segment_removes_wildcards_and_separators() {
-        assert_eq!(topic_segment("SKU-1"), "SKU-1");
-        assert_eq!(topic_segment("a/b+c#d\0e"), "a_b_c_d_e");
-        assert_eq!(topic_segment(""), "_");
-    }
 
     #[test]
     fn payload_round_trips_through_json() {

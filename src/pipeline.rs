@@ -19,7 +19,7 @@
 //! later ones use the new one.
 
 use crate::engine::{Attributes, Engine, EngineError, postprocess};
-use crate::payload::{self, Latency, ModelInfo, ResultPayload, SCHEMA_VERSION, ViewResult, ms};
+use crate::payload::{Latency, ModelInfo, ResultPayload, SCHEMA_VERSION, ViewResult, ms};
 use crate::preprocess::{Limits, Preprocessor};
 use crate::sources::{Origin, Shot, ShotOutcome, error_chain};
 use arc_swap::ArcSwap;
@@ -90,14 +90,32 @@ pub enum PipelineError {
 }
 
 /// A result ready to be stored. Whoever receives it (the outbox writer) must answer `durable`: `Ok(())` once the
-/// payload is stored durably, `Err(reason)` when it could not be (outbox full, disk error). Not answering (dropping
-/// the sender) counts as `Err`. Every contributing shot learns the answer: `Durable`, or `RetryLater(reason)`.
+/// payload is stored durably, [`NotStored`] when it was not. Not answering (dropping the sender) counts as
+/// `NotStored::Later`. Every contributing shot learns the answer: `Durable`, `RetryLater(reason)` or
+/// `Failed(reason)`.
 #[derive(Debug)]
 pub struct Finished {
-    /// The SKU made safe for one MQTT topic level ([`payload::topic_segment`]).
-    pub topic_sku: String,
     pub payload: ResultPayload,
-    pub durable: oneshot::Sender<Result<(), String>>,
+    pub durable: oneshot::Sender<Result<(), NotStored>>,
+}
+
+/// Why a result was not stored, which decides what becomes of its photos.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotStored {
+    /// Storing may work later (the outbox is full or cannot write, or is shutting down): the sources keep the photos
+    /// and try again.
+    Later(String),
+    /// It never will: the result cannot become a message (its SKU cannot be a topic segment, or it is larger than
+    /// the whole outbox). Trying again would compute the same refusal forever, so the photos fail.
+    Never(String),
+}
+
+impl std::fmt::Display for NotStored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotStored::Later(r) | NotStored::Never(r) => f.write_str(r),
+        }
+    }
 }
 
 /// Counters, for metrics and tests. All monotonic except `max_batch_seen`, which only grows.
@@ -495,7 +513,7 @@ async fn emit(
 ) {
     let (payload, dones) = build_payload(node, views);
     let (durable, answer) = oneshot::channel();
-    let finished = Finished { topic_sku: payload::topic_segment(&payload.sku), payload, durable };
+    let finished = Finished { payload, durable };
     if let Err(mpsc::error::SendError(f)) = out.send(finished).await {
         tracing::error!(sku = %f.payload.sku, "the outbox is gone; result not stored");
         for d in dones {
@@ -508,7 +526,10 @@ async fn emit(
     waiters.spawn(async move {
         let outcome = match answer.await {
             Ok(Ok(())) => ShotOutcome::Durable,
-            Ok(Err(reason)) => ShotOutcome::RetryLater(format!("the result could not be stored: {reason}")),
+            Ok(Err(NotStored::Later(reason))) => {
+                ShotOutcome::RetryLater(format!("the result could not be stored: {reason}"))
+            }
+            Ok(Err(NotStored::Never(reason))) => ShotOutcome::Failed(format!("the result cannot be stored: {reason}")),
             Err(_) => ShotOutcome::RetryLater("the outbox dropped the result without storing it".into()),
         };
         for d in dones {

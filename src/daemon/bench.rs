@@ -13,7 +13,7 @@ use attrd::engine::{Engine, EngineConfig, Provider};
 use attrd::metrics::Metrics;
 use attrd::mqtt::{Connection, MqttConfig, Publisher};
 use attrd::outbox::{Outbox, OutboxConfig};
-use attrd::pipeline::{Finished, Pipeline, PipelineConfig};
+use attrd::pipeline::{Finished, NotStored, Pipeline, PipelineConfig};
 use attrd::sources::{Origin, Shot, ShotOutcome, outcome};
 use attrd::systemd::Heartbeat;
 use serde::Serialize;
@@ -177,7 +177,7 @@ async fn run_async(opts: BenchOptions) -> Result<BenchReport> {
                 break;
             }
             stored.spawn(async move {
-                let verdict = rx.await.unwrap_or_else(|_| Err("the outbox writer stopped".into()));
+                let verdict = rx.await.unwrap_or_else(|_| Err(NotStored::Later("the outbox writer stopped".into())));
                 let store_ms = handed.elapsed().as_secs_f64() * 1e3;
                 let _ = original.send(verdict);
                 (l, store_ms)

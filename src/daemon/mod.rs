@@ -15,7 +15,7 @@ use attrd::metrics::Metrics;
 use attrd::models::{self, ModelError, ModelStore};
 use attrd::mqtt::{IncomingCommand, Publisher, PublisherHandle, Topics};
 use attrd::outbox::{NewMessage, Outbox};
-use attrd::pipeline::{Finished, Pipeline};
+use attrd::pipeline::{Finished, NotStored, Pipeline};
 use attrd::sources::{self, ShutdownSignal, Trigger};
 use attrd::systemd::{Heartbeat, Notifier};
 use attrd::util::{error_chain, now_rfc3339};
@@ -305,8 +305,9 @@ async fn outbox_writer(
         let mut msgs = Vec::with_capacity(group.len());
         let mut prepared = Vec::with_capacity(group.len());
         for f in &group {
-            let msg = topics.result(&f.topic_sku).map_err(|e| e.to_string()).and_then(|topic| {
-                let payload = serde_json::to_value(&f.payload).map_err(|e| e.to_string())?;
+            // Neither refusal can change on a retry.
+            let msg = topics.result(&f.payload.sku).map_err(|e| NotStored::Never(e.to_string())).and_then(|topic| {
+                let payload = serde_json::to_value(&f.payload).map_err(|e| NotStored::Never(e.to_string()))?;
                 Ok(NewMessage { topic, payload, qos: 1, retain: false, message_id: result_id(f) })
             });
             prepared.push(match msg {
@@ -329,15 +330,22 @@ async fn outbox_writer(
                         outbox_alarms(&metrics, None);
                         Ok(())
                     }
+                    Some(Err(e)) if e.refuses_the_message() => Err(NotStored::Never(error_chain(&e))),
                     Some(Err(e)) => {
                         outbox_alarms(&metrics, Some(&e));
-                        Err(error_chain(&e))
+                        Err(NotStored::Later(error_chain(&e)))
                     }
-                    None => Err("the outbox gave no verdict".to_string()),
+                    None => Err(NotStored::Later("the outbox gave no verdict".to_string())),
                 },
             };
-            if let Err(e) = &outcome {
-                tracing::error!(sku = %f.payload.sku, error = %e, "result not stored; the source keeps the photo");
+            match &outcome {
+                Err(NotStored::Later(e)) => {
+                    tracing::error!(sku = %f.payload.sku, error = %e, "result not stored; the source keeps the photo")
+                }
+                Err(NotStored::Never(e)) => {
+                    tracing::error!(sku = %f.payload.sku, error = %e, "result can never be stored; its photos fail")
+                }
+                Ok(()) => {}
             }
             let _ = f.durable.send(outcome);
         }

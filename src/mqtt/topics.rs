@@ -139,7 +139,7 @@ impl Topics {
 
     /// `<prefix>/<node>/results/<sku>`: one item's attributes.
     pub fn result(&self, sku: &str) -> Result<String, TopicError> {
-        check_segment("SKU", sku, MAX_SKU_LEN)?;
+        check_sku(sku)?;
         Ok(format!("{}/results/{sku}", self.base))
     }
 
@@ -284,6 +284,12 @@ fn check_len(what: &'static str, value: &str, max: usize) -> Result<(), TopicErr
         return Err(TopicError::TooLong { what, len: value.len(), max });
     }
     Ok(())
+}
+
+/// Whether `sku` can name a result topic ([`Topics::result`]): every source checks this when a SKU comes in, so a
+/// photo whose SKU cannot be published is refused at once rather than processed for nothing.
+pub fn check_sku(sku: &str) -> Result<(), TopicError> {
+    check_segment("SKU", sku, MAX_SKU_LEN)
 }
 
 /// One topic segment: no separators or wildcards, no NUL or other control characters, not broker-reserved.

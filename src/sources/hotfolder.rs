@@ -41,7 +41,9 @@ pub struct HotfolderConfig {
     /// always ignored, and so are partial downloads (`.part`, `.tmp`, …) unless listed here.
     pub extensions: Vec<String>,
     /// Regular expression applied to the file name; its named group `sku` is the SKU. Default `^(?P<sku>[^_.]+)`,
-    /// so `SKU123_front.jpg` is SKU `SKU123`. A name that does not match goes to `failed/`.
+    /// so `SKU123_front.jpg` is SKU `SKU123`. A name that does not match goes to `failed/`, and so does one whose SKU
+    /// cannot name a result topic (over 128 bytes, containing `/`, `+`, `#` or a control character, or starting with
+    /// `$`; see docs/mqtt.md).
     pub sku_pattern: String,
     /// How long size and modification time must stay unchanged before a file counts as written, when no
     /// close-after-write event was seen (files present at start-up, file systems without inotify). Default 1s.
@@ -632,6 +634,13 @@ impl Folder {
                 self.finish(&path, Dest::Failed, Some(reason));
                 continue;
             };
+            // Checked before the photo is read: its result could never be published, so processing it is waste and
+            // retrying it would never end.
+            if let Err(e) = crate::mqtt::topics::check_sku(&sku) {
+                let reason = format!("the file name {name:?} gives a SKU that cannot name a result topic: {e}");
+                self.finish(&path, Dest::Failed, Some(reason));
+                continue;
+            }
             let permit = match tx.try_reserve() {
                 Ok(p) => p,
                 Err(mpsc::error::TrySendError::Full(())) => return,

@@ -124,11 +124,11 @@ async fn infer_classifies_real_photos_exactly_like_the_engine() {
     let app = app();
     for (article, class) in [("Tshirts", "jersey"), ("Sunglasses", "sunglass")] {
         let bytes = photo(article);
-        let a = send(&app.router, post("/v1/infer?sku=SKU-42%2Fred", bytes.clone())).await;
+        let a = send(&app.router, post("/v1/infer?sku=SKU-42%20red", bytes.clone())).await;
         assert_eq!(a.status, StatusCode::OK, "{}", a.text());
         assert_eq!(a.headers[header::CONTENT_TYPE], "application/json");
         let r: InferResponse = serde_json::from_slice(&a.body).unwrap();
-        assert_eq!(r.sku.as_deref(), Some("SKU-42/red"));
+        assert_eq!(r.sku.as_deref(), Some("SKU-42 red"));
         assert_eq!(r.image_sha256, sha256_bytes(&bytes));
         assert_eq!(r.model.name, "imagenet-lite0");
         assert_eq!(r.model.version, "1.0.0");
@@ -229,7 +229,10 @@ async fn bad_query_parameters_are_refused() {
     let a = send(&app.router, post("/v1/infer?sku=", photo("Tshirts"))).await;
     a.assert_error(StatusCode::BAD_REQUEST, "bad_request", "sku is empty");
     let a = send(&app.router, post(&format!("/v1/infer?sku={}", "x".repeat(200)), photo("Tshirts"))).await;
-    a.assert_error(StatusCode::BAD_REQUEST, "bad_request", "200 characters");
+    a.assert_error(StatusCode::BAD_REQUEST, "bad_request", "200 bytes long");
+    // A SKU is what names its result topic, whichever way it comes in.
+    let a = send(&app.router, post("/v1/infer?sku=SKU-42%2Fred", photo("Tshirts"))).await;
+    a.assert_error(StatusCode::BAD_REQUEST, "bad_request", "contains '/'");
 }
 
 #[tokio::test]
@@ -379,6 +382,8 @@ async fn capture_validates_the_request_and_reports_what_was_triggered() {
         ("{\"sku\": \"A\", \"camera\": \"front\"}", "unknown field `camera`"),
         ("{\"sku\": 42}", "invalid type: integer `42`, expected a string"),
         ("{\"sku\": \"   \"}", "sku is empty"),
+        ("{\"sku\": \"$SYS\"}", "must not start with '$'"),
+        ("{\"sku\": \"A#1\"}", "contains '#'"),
         ("{\"sku\": \"A\", \"cameras\": [\"\"]}", "invalid camera name \"\""),
         ("", "EOF while parsing"),
     ] {

@@ -6,7 +6,7 @@ use arc_swap::ArcSwap;
 use attrd::bundle::{self, Bundle, NewBundle};
 use attrd::engine::{Engine, EngineConfig, postprocess};
 use attrd::payload::{ResultPayload, SourceKind};
-use attrd::pipeline::{Finished, Pipeline, PipelineConfig};
+use attrd::pipeline::{Finished, NotStored, Pipeline, PipelineConfig};
 use attrd::preprocess::{Limits, Preprocessor};
 use attrd::sources::{Origin, Shot, ShotOutcome};
 use std::path::{Path, PathBuf};
@@ -229,14 +229,14 @@ async fn three_views_of_one_sku_fuse_into_one_result_with_mean_probabilities() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outbox_that_cannot_store_means_retry_later() {
+async fn an_outbox_that_cannot_store_means_retry_later_and_one_that_never_will_means_failed() {
     let (out, mut out_rx) = mpsc::channel(4);
     let p = Pipeline::spawn(engine_cell(), cfg(), "n", out).unwrap();
     let f = photos(2);
     let (s1, r1) = shot("FULL", &f[0]);
     p.shots.send(s1).await.unwrap();
     let fin = out_rx.recv().await.unwrap();
-    fin.durable.send(Err("outbox full (10000 messages)".into())).unwrap();
+    fin.durable.send(Err(NotStored::Later("outbox full (10000 messages)".into()))).unwrap();
     match r1.await.unwrap() {
         ShotOutcome::RetryLater(reason) => assert!(reason.contains("outbox full"), "{reason}"),
         other => panic!("{other:?}"),
@@ -253,6 +253,22 @@ async fn an_outbox_that_cannot_store_means_retry_later() {
     drop(p.shots);
     p.task.await.unwrap();
     assert_eq!(p.stats.snapshot().retry_later, 3);
+
+    // A result the outbox can never take fails its photo at once instead of being computed again forever.
+    let (out, mut out_rx) = mpsc::channel(4);
+    let p = Pipeline::spawn(engine_cell(), cfg(), "n", out).unwrap();
+    let (s4, r4) = shot("NEVER", &f[0]);
+    p.shots.send(s4).await.unwrap();
+    let fin = out_rx.recv().await.unwrap();
+    fin.durable.send(Err(NotStored::Never("message of 9000 bytes exceeds the outbox limit".into()))).unwrap();
+    match r4.await.unwrap() {
+        ShotOutcome::Failed(reason) => assert!(reason.contains("exceeds the outbox limit"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    drop(p.shots);
+    p.task.await.unwrap();
+    let s = p.stats.snapshot();
+    assert_eq!((s.failed, s.retry_later), (1, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

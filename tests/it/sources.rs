@@ -7,7 +7,7 @@ use crate::pipeline::{ack_all, cfg, engine, engine_cell, eventually, photos, ref
 use attrd::bundle;
 use attrd::engine::postprocess;
 use attrd::payload::{ResultPayload, SourceKind};
-use attrd::pipeline::{Finished, Pipeline, PipelineConfig};
+use attrd::pipeline::{Finished, NotStored, Pipeline, PipelineConfig};
 use attrd::sources::fake::{FakeCamera, mjpeg_frame, rgb_to_yuyv};
 use attrd::sources::hotfolder::{HotfolderConfig, HotfolderSource};
 use attrd::sources::v4l2::{Frame, PixelFormat, frame_to_jpeg, yuyv_to_rgb};
@@ -150,9 +150,14 @@ async fn hot_folder_sends_bad_files_to_failed_with_the_reason() {
     drop_file(&hot, "_noskuhere.jpg", &std::fs::read(&good[0]).unwrap());
     drop_file(&hot, "HUGE_1.jpg", &vec![0xFF; 1_000_001]);
     drop_file(&hot, "GOOD_1.jpg", &std::fs::read(&good[0]).unwrap());
+    // Good photos whose SKUs cannot name a result topic: refused at once, not processed and retried forever.
+    let long = "品".repeat(43);
+    for name in ["$SYS_front.jpg", "A+B_front.jpg", &format!("{long}_front.jpg")] {
+        drop_file(&hot, name, &std::fs::read(&good[0]).unwrap());
+    }
     let failed = hot.join("failed");
     assert!(
-        eventually(Duration::from_secs(60), || names(&failed).len() == 6 && names(&hot.join("done")).len() == 1).await,
+        eventually(Duration::from_secs(60), || names(&failed).len() == 12 && names(&hot.join("done")).len() == 1).await,
         "failed/ {:?}, done/ {:?}",
         names(&failed),
         names(&hot.join("done"))
@@ -163,6 +168,10 @@ async fn hot_folder_sends_bad_files_to_failed_with_the_reason() {
     assert!(reason("BAD1_front.jpg").contains("unrecognised image format"), "{}", reason("BAD1_front.jpg"));
     assert!(reason("_noskuhere.jpg").contains("SKU"), "{}", reason("_noskuhere.jpg"));
     assert!(reason("HUGE_1.jpg").contains("max_file_bytes"), "{}", reason("HUGE_1.jpg"));
+    assert!(reason("$SYS_front.jpg").contains("must not start with '$'"), "{}", reason("$SYS_front.jpg"));
+    assert!(reason("A+B_front.jpg").contains("contains '+'"), "{}", reason("A+B_front.jpg"));
+    let r = reason(&format!("{long}_front.jpg"));
+    assert!(r.contains("129 bytes long"), "{r}");
     assert_eq!(std::fs::read(failed.join("BAD1_front.jpg")).unwrap(), b"<html>502 Bad Gateway</html>");
     assert_eq!(names(&hot.join("done")), ["GOOD_1.jpg"]);
 }
@@ -183,7 +192,7 @@ async fn hot_folder_keeps_a_file_whose_result_could_not_be_stored_and_retries_it
             n += 1;
             seen2.lock().unwrap().push(f.payload.sku.clone());
             if n == 1 {
-                f.durable.send(Err("outbox full".into())).unwrap();
+                f.durable.send(Err(NotStored::Later("outbox full".into()))).unwrap();
                 // Still there, and stays there during the backoff.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 assert!(file2.is_file());
