@@ -209,6 +209,31 @@ struct Entry {
     state: State,
     /// Failed tries so far (retry-later answers, failed moves), for the backoff.
     attempts: u32,
+    /// What the file looked like when it was read for the shot whose outcome is awaited or being acted on: if it
+    /// looks different when that outcome arrives, the photo was replaced meanwhile, and the new one has not been
+    /// processed.
+    read_as: Option<Stamp>,
+}
+
+/// A file's identity and version: inode, length and modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    id: Option<(u64, u64)>,
+    len: u64,
+    mtime: Option<SystemTime>,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            Some((meta.dev(), meta.ino()))
+        };
+        #[cfg(not(unix))]
+        let id = None;
+        Stamp { id, len: meta.len(), mtime: meta.modified().ok() }
+    }
 }
 
 struct WatchHandle {
@@ -428,6 +453,7 @@ impl Folder {
             self.files.entry(path).or_insert_with(|| Entry {
                 state: State::Settling { size: meta.len(), mtime: meta.modified().ok(), since: now, closed: false },
                 attempts: 0,
+                read_as: None,
             });
         }
         // Files someone else took away while they waited.
@@ -479,6 +505,7 @@ impl Folder {
                     let e = self.files.entry(path.clone()).or_insert(Entry {
                         state: State::Settling { size: 0, mtime: None, since: now, closed: false },
                         attempts: 0,
+                        read_as: None,
                     });
                     if matches!(e.state, State::Settling { .. } | State::Ready) {
                         e.state =
@@ -489,6 +516,7 @@ impl Folder {
                     let e = self.files.entry(path.clone()).or_insert(Entry {
                         state: State::Settling { size: 0, mtime: None, since: now, closed: false },
                         attempts: 0,
+                        read_as: None,
                     });
                     match &mut e.state {
                         State::Settling { since, closed, .. } => {
@@ -584,6 +612,22 @@ impl Folder {
 
     /// Moves a file whose outcome is known out of the folder; a failed move is retried, never the shot.
     fn finish(&mut self, path: &Path, dest: Dest, reason: Option<String>) {
+        if let Some(entry) = self.files.get_mut(path)
+            && let Some(read_as) = entry.read_as
+            && let Ok(now) = std::fs::metadata(path)
+            && Stamp::of(&now) != read_as
+        {
+            // Replaced (rewritten, or another file renamed over it) while its predecessor was processed: moving it
+            // now would file a photo that never produced a result. The outcome belongs to the old photo, whose
+            // result, if any, is stored; the new one is processed in its turn.
+            tracing::info!(
+                source = %self.src.name, path = %path.display(),
+                "the file was replaced while it was processed; the new version is processed too"
+            );
+            entry.read_as = None;
+            entry.state = State::Settling { size: 0, mtime: None, since: Instant::now(), closed: false };
+            return;
+        }
         let dir = match dest {
             Dest::Done => self.src.cfg.done_dir(),
             Dest::Failed => self.src.cfg.failed_dir(),
@@ -651,7 +695,8 @@ impl Folder {
                 }
             };
             match read_file(&path, self.src.cfg.max_file_bytes) {
-                Ok(ReadOutcome::Whole { bytes, mtime }) => {
+                Ok(ReadOutcome::Whole { bytes, stamp }) => {
+                    let mtime = stamp.mtime;
                     let captured_at = mtime.map(OffsetDateTime::from).unwrap_or_else(OffsetDateTime::now_utc);
                     let (shot, rx) =
                         Shot::new(sku.clone(), bytes, captured_at, Origin::Hotfolder { path: path.clone() });
@@ -659,6 +704,7 @@ impl Folder {
                     permit.send(shot);
                     if let Some(e) = self.files.get_mut(&path) {
                         e.state = State::InFlight(rx);
+                        e.read_as = Some(stamp);
                     }
                 }
                 Ok(ReadOutcome::Changing) => {
@@ -692,7 +738,8 @@ impl Folder {
 enum ReadOutcome {
     Whole {
         bytes: Vec<u8>,
-        mtime: Option<SystemTime>,
+        /// The file that was read, as it was.
+        stamp: Stamp,
     },
     /// The file changed while it was read.
     Changing,
@@ -714,7 +761,7 @@ fn read_file(path: &Path, limit: u64) -> io::Result<ReadOutcome> {
     if after.len() != bytes.len() as u64 || after.modified().ok() != before.modified().ok() {
         return Ok(ReadOutcome::Changing);
     }
-    Ok(ReadOutcome::Whole { bytes, mtime: before.modified().ok() })
+    Ok(ReadOutcome::Whole { bytes, stamp: Stamp::of(&before) })
 }
 
 #[cfg(unix)]

@@ -216,6 +216,33 @@ async fn hot_folder_keeps_a_file_whose_result_could_not_be_stored_and_retries_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_folder_processes_a_photo_replaced_while_its_predecessor_was_in_flight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hot = tmp.path().join("in");
+    std::fs::create_dir(&hot).unwrap();
+    let (out, mut out_rx) = mpsc::channel::<Finished>(8);
+    let run = Running::start(vec![Box::new(HotfolderSource::new(hot_cfg(&hot)).unwrap())], cfg(), out);
+    let p = photos(2);
+    let (old, new) = (std::fs::read(&p[0]).unwrap(), std::fs::read(&p[1]).unwrap());
+    drop_file(&hot, "SWAP_front.jpg", &old);
+    let first = tokio::time::timeout(Duration::from_secs(60), out_rx.recv()).await.unwrap().unwrap();
+    assert_eq!(first.payload.source.image_sha256, bundle::sha256_bytes(&old));
+    // The studio exports the same name again while the first result is being stored.
+    drop_file(&hot, "SWAP_front.jpg", &new);
+    first.durable.send(Ok(())).unwrap();
+    // The new photo is not filed unprocessed: it comes through the pipeline too, and only then reaches done/.
+    let second = tokio::time::timeout(Duration::from_secs(60), out_rx.recv()).await.unwrap().unwrap();
+    assert_eq!(second.payload.source.image_sha256, bundle::sha256_bytes(&new));
+    assert!(names(&hot.join("done")).is_empty(), "{:?}", names(&hot.join("done")));
+    second.durable.send(Ok(())).unwrap();
+    assert!(eventually(Duration::from_secs(60), || hot.join("done/SWAP_front.jpg").is_file()).await);
+    assert_eq!(std::fs::read(hot.join("done/SWAP_front.jpg")).unwrap(), new);
+    let stats = run.stop().await;
+    assert_eq!(stats.durable, 2);
+    assert!(out_rx.try_recv().is_err(), "a third result");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_folder_waits_for_a_slow_writer_to_finish() {
     let tmp = tempfile::tempdir().unwrap();
     let hot = tmp.path().join("in");
