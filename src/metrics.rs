@@ -268,6 +268,7 @@ struct Inner {
     outbox_bytes: Gauge,
     mqtt_connected: Gauge,
     batch_size: Histogram,
+    results_dropped: Counter,
     model_info: Family<ModelLabels, Gauge>,
     active_provider: Family<ProviderLabels, Gauge>,
     alarm: Family<AlarmLabels, Gauge>,
@@ -298,6 +299,7 @@ impl Metrics {
         let outbox_bytes = Gauge::default();
         let mqtt_connected = Gauge::default();
         let batch_size = batch_histogram();
+        let results_dropped = Counter::default();
         let model_info = Family::<ModelLabels, Gauge>::default();
         let active_provider = Family::<ProviderLabels, Gauge>::default();
         let alarm = Family::<AlarmLabels, Gauge>::default();
@@ -308,6 +310,11 @@ impl Metrics {
         registry.register("outbox_bytes", "Payload bytes waiting in the outbox", outbox_bytes.clone());
         registry.register("mqtt_connected", "1 while connected to the MQTT broker, else 0", mqtt_connected.clone());
         registry.register("batch_size", "Images per engine run", batch_size.clone());
+        registry.register(
+            "results_dropped",
+            "Unpublished results deleted from the full outbox to make room (outbox.when_full = drop_oldest)",
+            results_dropped.clone(),
+        );
         registry.register("model_info", "The serving model (always 1; labels identify it)", model_info.clone());
         registry.register(
             "active_provider",
@@ -335,6 +342,7 @@ impl Metrics {
                 outbox_bytes,
                 mqtt_connected,
                 batch_size,
+                results_dropped,
                 model_info,
                 active_provider,
                 alarm,
@@ -342,6 +350,11 @@ impl Metrics {
                 swap: Mutex::new(()),
             }),
         }
+    }
+
+    /// Counts results the full outbox deleted unpublished (policy `drop_oldest`).
+    pub fn results_dropped(&self, n: u64) {
+        self.inner.results_dropped.inc_by(n);
     }
 
     /// Records how long `stage` took.
@@ -477,6 +490,7 @@ mod tests {
         m.set_outbox(7, 1234);
         m.set_mqtt_connected(true);
         m.observe_batch(5);
+        m.results_dropped(3);
         let text = m.encode();
         assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(text.contains("# TYPE attrd_stage_seconds histogram"), "{text}");
@@ -495,6 +509,7 @@ mod tests {
         );
         assert_eq!(line(&text, r#"attrd_errors_total{kind="mqtt"}"#), Some(r#"attrd_errors_total{kind="mqtt"} 0"#));
         assert_eq!(line(&text, "attrd_outbox_depth "), Some("attrd_outbox_depth 7"));
+        assert_eq!(line(&text, "attrd_results_dropped_total "), Some("attrd_results_dropped_total 3"));
         assert_eq!(line(&text, "attrd_outbox_bytes "), Some("attrd_outbox_bytes 1234"));
         assert_eq!(line(&text, "attrd_mqtt_connected "), Some("attrd_mqtt_connected 1"));
         assert_eq!(line(&text, r#"attrd_batch_size_bucket{le="4.0"}"#), Some(r#"attrd_batch_size_bucket{le="4.0"} 0"#));

@@ -162,6 +162,9 @@ pub struct Enqueued {
     pub seq: u64,
     /// UUIDv7 inserted into the payload as `message_id`; duplicates after a reconnect carry the same one.
     pub message_id: Uuid,
+    /// Older unpublished messages deleted to make room for this one (policy `drop_oldest` on a full outbox); 0
+    /// otherwise.
+    pub dropped: u64,
 }
 
 /// A message for [`Outbox::enqueue_many`].
@@ -671,10 +674,10 @@ impl Worker {
                             retain,
                             message_id,
                         )?;
-                        deleted_any |= r.as_ref().is_ok_and(|(_, dropped)| *dropped);
+                        deleted_any |= r.as_ref().is_ok_and(|e| e.dropped > 0);
                         enqueued += u64::from(r.is_ok());
                         if let Some(Pending::Enqueued(_, verdict)) = pending.last_mut() {
-                            *verdict = Some(r.map(|(e, _)| e));
+                            *verdict = Some(r);
                         }
                     }
                     Write::Ack { id, reply } => {
@@ -743,7 +746,7 @@ impl Worker {
 }
 
 /// Inserts one message inside the group transaction. The outer `Result` is a database failure (aborting the
-/// group); the inner one is this message's own verdict. The `bool` says whether older rows were dropped.
+/// group); the inner one is this message's own verdict. `Enqueued::dropped` counts the older rows deleted for it.
 #[allow(clippy::too_many_arguments)]
 fn insert(
     tx: &rusqlite::Transaction<'_>,
@@ -756,13 +759,13 @@ fn insert(
     qos: u8,
     retain: bool,
     message_id: Uuid,
-) -> Result<Result<(Enqueued, bool), OutboxError>, rusqlite::Error> {
+) -> Result<Result<Enqueued, OutboxError>, rusqlite::Error> {
     let waiting: Option<(i64, i64)> = tx
         .prepare_cached("SELECT id, seq FROM outbox WHERE message_id = ?1")?
         .query_row([message_id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     if let Some((id, seq)) = waiting {
-        return Ok(Ok((Enqueued { id, seq: u64::try_from(seq).unwrap_or(0), message_id }, false)));
+        return Ok(Ok(Enqueued { id, seq: u64::try_from(seq).unwrap_or(0), message_id, dropped: 0 }));
     }
     let seq = *next_seq;
     payload.insert("seq".into(), seq.into());
@@ -838,5 +841,5 @@ fn insert(
     if counters.oldest_ms.is_none() {
         counters.oldest_ms = Some(created);
     }
-    Ok(Ok((Enqueued { id, seq: u64::try_from(seq).unwrap_or(0), message_id }, dropped > 0)))
+    Ok(Ok(Enqueued { id, seq: u64::try_from(seq).unwrap_or(0), message_id, dropped }))
 }

@@ -19,6 +19,7 @@
 //! later ones use the new one.
 
 use crate::engine::{Attributes, Engine, EngineError, postprocess};
+use crate::metrics::{ErrorKind, Metrics};
 use crate::payload::{Latency, ModelInfo, ResultPayload, SCHEMA_VERSION, ViewResult, ms};
 use crate::preprocess::{Limits, Preprocessor};
 use crate::sources::{Origin, Shot, ShotOutcome, error_chain};
@@ -241,11 +242,24 @@ struct View {
 
 impl Pipeline {
     /// Starts the pipeline on the current tokio runtime. `engine` may be swapped at any time (hot model reload).
+    /// Its metrics go to a registry of its own; see [`Pipeline::spawn_with_metrics`].
     pub fn spawn(
         engine: Arc<ArcSwap<Engine>>,
         cfg: PipelineConfig,
         node: impl Into<String>,
         out: mpsc::Sender<Finished>,
+    ) -> Result<Pipeline, PipelineError> {
+        Self::spawn_with_metrics(engine, cfg, node, out, Metrics::new())
+    }
+
+    /// [`Pipeline::spawn`], counting into `metrics`: `attrd_images_total` by source, `attrd_batch_size` per engine
+    /// run, and `attrd_errors_total` for images that fail to decode, inferences that fail and a missing model.
+    pub fn spawn_with_metrics(
+        engine: Arc<ArcSwap<Engine>>,
+        cfg: PipelineConfig,
+        node: impl Into<String>,
+        out: mpsc::Sender<Finished>,
+        metrics: Metrics,
     ) -> Result<Pipeline, PipelineError> {
         cfg.validate()?;
         let node = node.into();
@@ -253,8 +267,8 @@ impl Pipeline {
         let (shots, shots_rx) = mpsc::channel(cfg.queue);
         let (prepared_tx, prepared_rx) = mpsc::channel(cfg.max_batch);
         let (views_tx, views_rx) = mpsc::channel(cfg.max_batch);
-        let intake = tokio::spawn(intake(shots_rx, engine, cfg.clone(), stats.clone(), prepared_tx));
-        let batcher = tokio::spawn(batcher(prepared_rx, cfg.clone(), stats.clone(), views_tx));
+        let intake = tokio::spawn(intake(shots_rx, engine, cfg.clone(), stats.clone(), metrics.clone(), prepared_tx));
+        let batcher = tokio::spawn(batcher(prepared_rx, cfg.clone(), stats.clone(), metrics, views_tx));
         let emitter = tokio::spawn(emitter(views_rx, cfg.fusion_window, node, stats.clone(), out));
         let st = stats.clone();
         let task = tokio::spawn(async move {
@@ -288,6 +302,7 @@ async fn intake(
     engine: Arc<ArcSwap<Engine>>,
     cfg: PipelineConfig,
     stats: Arc<PipelineStats>,
+    metrics: Metrics,
     prepared: mpsc::Sender<Prepared>,
 ) {
     let workers = Arc::new(Semaphore::new(cfg.decode_workers));
@@ -295,6 +310,7 @@ async fn intake(
     while let Some(shot) = rx.recv().await {
         let received = Instant::now();
         stats.received.fetch_add(1, Ordering::Relaxed);
+        metrics.image(shot.origin.source_name());
         // Invariant: the semaphore is never closed.
         let Ok(permit) = workers.clone().acquire_owned().await else { break };
         let Shot { sku, bytes, captured_at, origin, done } = shot;
@@ -302,6 +318,7 @@ async fn intake(
         let model = match current_model(&engine, &mut cache, cfg.limits) {
             Ok(m) => m,
             Err(reason) => {
+                metrics.error(ErrorKind::Model);
                 tracing::error!(%reason, "no usable model");
                 stats.resolve(meta.done, ShotOutcome::RetryLater(reason));
                 continue;
@@ -309,6 +326,7 @@ async fn intake(
         };
         let tx = prepared.clone();
         let stats = stats.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let waited = started - meta.received;
@@ -319,7 +337,7 @@ async fn intake(
             });
             let res = work.await;
             let decode = started.elapsed();
-            let reason = match res {
+            let (kind, reason) = match res {
                 Ok((sha256, Ok(tensor))) => {
                     let item = Prepared { meta, sha256, tensor, model, decode, waited, ready_at: Instant::now() };
                     if let Err(mpsc::error::SendError(item)) = tx.send(item).await {
@@ -328,10 +346,11 @@ async fn intake(
                     drop(permit);
                     return;
                 }
-                Ok((_, Err(e))) => error_chain(&e),
-                Err(e) => format!("the decoder crashed: {e}"),
+                Ok((_, Err(e))) => (ErrorKind::from(&e), error_chain(&e)),
+                Err(e) => (ErrorKind::Internal, format!("the decoder crashed: {e}")),
             };
             stats.decode_failed.fetch_add(1, Ordering::Relaxed);
+            metrics.error(kind);
             tracing::warn!(sku = %meta.sku, origin = ?meta.origin, %reason, "image rejected");
             stats.resolve(meta.done, ShotOutcome::Failed(reason));
             drop(permit);
@@ -343,6 +362,7 @@ async fn batcher(
     mut rx: mpsc::Receiver<Prepared>,
     cfg: PipelineConfig,
     stats: Arc<PipelineStats>,
+    metrics: Metrics,
     views: mpsc::Sender<View>,
 ) {
     let mut carry: Option<Prepared> = None;
@@ -371,11 +391,11 @@ async fn batcher(
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        run_batch(batch, &stats, &views).await;
+        run_batch(batch, &stats, &metrics, &views).await;
     }
 }
 
-async fn run_batch(batch: Vec<Prepared>, stats: &PipelineStats, views: &mpsc::Sender<View>) {
+async fn run_batch(batch: Vec<Prepared>, stats: &PipelineStats, metrics: &Metrics, views: &mpsc::Sender<View>) {
     let model = batch[0].model.clone();
     let tensors: Vec<Vec<f32>> = batch.iter().map(|p| p.tensor.clone()).collect();
     let n = batch.len();
@@ -384,6 +404,7 @@ async fn run_batch(batch: Vec<Prepared>, stats: &PipelineStats, views: &mpsc::Se
     let res = model.engine.infer(model.pre.batch(&tensors)).await;
     let infer = started.elapsed();
     stats.batches.fetch_add(1, Ordering::Relaxed);
+    metrics.observe_batch(n);
     stats.max_batch_seen.fetch_max(n as u64, Ordering::Relaxed);
     match res {
         Ok(out) => {
@@ -404,6 +425,7 @@ async fn run_batch(batch: Vec<Prepared>, stats: &PipelineStats, views: &mpsc::Se
                 let res = model.engine.infer(model.pre.batch(std::slice::from_ref(&p.tensor))).await;
                 let infer = started.elapsed();
                 stats.batches.fetch_add(1, Ordering::Relaxed);
+                metrics.observe_batch(1);
                 match res {
                     Ok(out) => {
                         stats.inferred.fetch_add(1, Ordering::Relaxed);
@@ -413,19 +435,20 @@ async fn run_batch(batch: Vec<Prepared>, stats: &PipelineStats, views: &mpsc::Se
                             stats.resolve(v.meta.done, ShotOutcome::RetryLater("the pipeline is stopping".into()));
                         }
                     }
-                    Err(e) => fail_inference(stats, p.meta, &e),
+                    Err(e) => fail_inference(stats, metrics, p.meta, &e),
                 }
             }
         }
         Err(e) => {
             for p in batch {
-                fail_inference(stats, p.meta, &e);
+                fail_inference(stats, metrics, p.meta, &e);
             }
         }
     }
 }
 
-fn fail_inference(stats: &PipelineStats, meta: Meta, e: &EngineError) {
+fn fail_inference(stats: &PipelineStats, metrics: &Metrics, meta: Meta, e: &EngineError) {
+    metrics.error(ErrorKind::Infer);
     let reason = format!("inference failed: {}", error_chain(e));
     tracing::warn!(sku = %meta.sku, %reason, "no result for shot");
     // A non-finite output or a malformed input is this image's doing; anything else (a stopped engine, a CUDA

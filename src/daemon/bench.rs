@@ -186,8 +186,14 @@ async fn run_async(opts: BenchOptions) -> Result<BenchReport> {
         stored.join_all().await
     });
 
-    let pipeline = Pipeline::spawn(engine, opts.pipeline.clone(), opts.mqtt.node_name(), finished_tx)
-        .context("starting the pipeline")?;
+    let pipeline = Pipeline::spawn_with_metrics(
+        engine,
+        opts.pipeline.clone(),
+        opts.mqtt.node_name(),
+        finished_tx,
+        metrics.clone(),
+    )
+    .context("starting the pipeline")?;
     let n = opts.images.len();
     let started = Instant::now();
     let feeder = {
@@ -198,8 +204,12 @@ async fn run_async(opts: BenchOptions) -> Result<BenchReport> {
             for path in images {
                 let bytes = tokio::fs::read(&path).await.with_context(|| format!("reading {}", path.display()))?;
                 let sku = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                let (shot, rx) =
-                    Shot::new(sku, bytes, time::OffsetDateTime::now_utc(), Origin::Hotfolder { path: path.clone() });
+                let (shot, rx) = Shot::new(
+                    sku,
+                    bytes,
+                    time::OffsetDateTime::now_utc(),
+                    Origin::Hotfolder { source: "bench".into(), path: path.clone() },
+                );
                 if shots.send(shot).await.is_err() {
                     bail!("the pipeline stopped");
                 }

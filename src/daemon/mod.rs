@@ -119,8 +119,9 @@ async fn serve(config_path: &Path, cfg: &Config, notifier: Notifier, started: In
         .map(|rx| tokio::spawn(receive::run(rx, store.clone(), cfg.models.clone(), cfg.engine.clone(), slot.clone())));
 
     let (finished_tx, finished_rx) = mpsc::channel::<Finished>(cfg.pipeline.queue.max(1));
-    let pipeline = Pipeline::spawn(engine.clone(), cfg.pipeline.clone(), node.clone(), finished_tx)
-        .context("starting the pipeline")?;
+    let pipeline =
+        Pipeline::spawn_with_metrics(engine.clone(), cfg.pipeline.clone(), node.clone(), finished_tx, metrics.clone())
+            .context("starting the pipeline")?;
     let heartbeat = Heartbeat::new();
     let writer =
         tokio::spawn(outbox_writer(finished_rx, outbox.clone(), topics.clone(), metrics.clone(), heartbeat.clone()));
@@ -325,15 +326,22 @@ async fn outbox_writer(
             let outcome = match prep {
                 Err(e) => Err(e),
                 Ok(()) => match stored.next() {
-                    Some(Ok(_)) => {
+                    Some(Ok(stored)) => {
                         observe_latency(&metrics, &f.payload.latency_ms, store_time);
-                        outbox_alarms(&metrics, None);
+                        if stored.dropped > 0 {
+                            outbox_dropping(&metrics, stored.dropped);
+                        } else {
+                            outbox_alarms(&metrics, None);
+                        }
                         Ok(())
                     }
-                    Some(Err(e)) if e.refuses_the_message() => Err(NotStored::Never(error_chain(&e))),
                     Some(Err(e)) => {
                         outbox_alarms(&metrics, Some(&e));
-                        Err(NotStored::Later(error_chain(&e)))
+                        if e.refuses_the_message() {
+                            Err(NotStored::Never(error_chain(&e)))
+                        } else {
+                            Err(NotStored::Later(error_chain(&e)))
+                        }
                     }
                     None => Err(NotStored::Later("the outbox gave no verdict".to_string())),
                 },
@@ -351,6 +359,26 @@ async fn outbox_writer(
         }
         let d = outbox.depth();
         metrics.set_outbox(d.messages, d.bytes);
+    }
+}
+
+/// Counts results the full outbox deleted to store a new one (policy `drop_oldest`), and keeps `outbox_full` raised
+/// for as long as it does: results are being lost, which the operator must hear about.
+fn outbox_dropping(metrics: &Metrics, dropped: u64) {
+    use attrd::metrics::{Alarm, ErrorKind};
+    metrics.results_dropped(dropped);
+    metrics.error(ErrorKind::OutboxFull);
+    if let Some(r) = metrics.clear(Alarm::OutboxUnwritable) {
+        tracing::info!(alarm = Alarm::OutboxUnwritable.as_str(), since = %r.since, "alarm cleared: the outbox stores results again");
+    }
+    let reason = "the outbox is full and deletes its oldest unpublished results to store new ones \
+                  (outbox.when_full = drop_oldest)";
+    if metrics.raise(Alarm::OutboxFull, reason) {
+        tracing::error!(
+            alarm = Alarm::OutboxFull.as_str(),
+            dropped,
+            "ALARM results are being lost: {reason}. Bring the broker back, or raise outbox.max_messages / max_bytes."
+        );
     }
 }
 

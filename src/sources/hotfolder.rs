@@ -698,8 +698,12 @@ impl Folder {
                 Ok(ReadOutcome::Whole { bytes, stamp }) => {
                     let mtime = stamp.mtime;
                     let captured_at = mtime.map(OffsetDateTime::from).unwrap_or_else(OffsetDateTime::now_utc);
-                    let (shot, rx) =
-                        Shot::new(sku.clone(), bytes, captured_at, Origin::Hotfolder { path: path.clone() });
+                    let (shot, rx) = Shot::new(
+                        sku.clone(),
+                        bytes,
+                        captured_at,
+                        Origin::Hotfolder { source: self.src.name.clone(), path: path.clone() },
+                    );
                     tracing::debug!(source = %self.src.name, path = %path.display(), %sku, "file sent");
                     permit.send(shot);
                     if let Some(e) = self.files.get_mut(&path) {

@@ -45,8 +45,8 @@ impl SourceConfig {
 /// Where a shot came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
-    /// A file in a hot folder (its path when it was read).
-    Hotfolder { path: PathBuf },
+    /// A file in a hot folder: the folder's `name` and the file's path when it was read.
+    Hotfolder { source: String, path: PathBuf },
     /// A V4L2 camera.
     V4l2 { camera: String },
     /// An HTTP upload; `client` is the peer address when known.
@@ -56,6 +56,15 @@ pub enum Origin {
 }
 
 impl Origin {
+    /// The `source` label of `attrd_images_total`: the hot folder's or camera's name, or `http`.
+    pub fn source_name(&self) -> &str {
+        match self {
+            Origin::Hotfolder { source, .. } => source,
+            Origin::V4l2 { camera } | Origin::Fake { camera } => camera,
+            Origin::Http { .. } => "http",
+        }
+    }
+
     pub fn kind(&self) -> SourceKind {
         match self {
             Origin::Hotfolder { .. } => SourceKind::Hotfolder,
@@ -68,7 +77,7 @@ impl Origin {
     /// The payload's `source` object for an image with this origin.
     pub fn source_info(&self, image_sha256: String) -> SourceInfo {
         let (camera, path) = match self {
-            Origin::Hotfolder { path } => (None, Some(path.display().to_string())),
+            Origin::Hotfolder { path, .. } => (None, Some(path.display().to_string())),
             Origin::V4l2 { camera } | Origin::Fake { camera } => (Some(camera.clone()), None),
             Origin::Http { .. } => (None, None),
         };

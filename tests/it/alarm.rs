@@ -118,3 +118,36 @@ async fn a_full_disk_raises_an_alarm_keeps_every_photo_and_recovers_when_space_r
     assert_eq!(node.files_in("done").len(), 7);
     assert!(node.files_in("failed").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_that_drops_results_raises_an_alarm_and_counts_what_it_dropped() {
+    // No broker: every result stays in the outbox, which holds two.
+    let node = Node::with_bundle("it-drop", crate::common::free_port(), &repo().join("models/fashion-lite0-int8"));
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    let text = text.replace(
+        "path = \"outbox.sqlite3\"",
+        "path = \"outbox.sqlite3\"\nmax_messages = 2\nwhen_full = \"drop_oldest\"",
+    );
+    std::fs::write(&node.config, text).unwrap();
+    let mut child = node.start();
+    wait_ready_within(&node, &mut child, 30).await;
+    let port = node.http_port;
+    let alarm_series = "attrd_alarm{alarm=\"outbox_full\"}";
+    assert_eq!(metric(port, alarm_series), Some(0.0));
+    assert_eq!(metric(port, "attrd_results_dropped_total"), Some(0.0));
+
+    let skus: Vec<String> = (0..5).map(|i| format!("DROP{i}")).collect();
+    node.drop_photos(&skus);
+    for _ in 0..1200 {
+        if node.files_in("done").len() == 5 && metric(port, "attrd_results_dropped_total") == Some(3.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The policy did what it says (every photo stored, the oldest results deleted), and the operator is told.
+    assert_eq!(node.files_in("done").len(), 5, "{:?}\n{}", node.files_in("done"), node.log());
+    assert_eq!(metric(port, "attrd_results_dropped_total"), Some(3.0), "{}", node.log());
+    assert_eq!(metric(port, alarm_series), Some(1.0), "{}", node.log());
+    assert!(node.log().contains("ALARM results are being lost"), "{}", node.log());
+    assert!(child.try_wait().unwrap().is_none(), "attrd died:\n{}", node.log());
+}

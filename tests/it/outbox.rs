@@ -177,7 +177,10 @@ async fn full_with_drop_oldest_drops_the_oldest() {
         Outbox::open(&OutboxConfig { max_messages: 3, when_full: FullPolicy::DropOldest, ..cfg(dir.path()) }).unwrap();
     let mut last = None;
     for i in 0..5 {
-        last = Some(put(&o, i).await);
+        let e = put(&o, i).await;
+        // The first three fit; each later one deletes the oldest.
+        assert_eq!(e.dropped, u64::from(i >= 3), "message {i}");
+        last = Some(e);
     }
     let left = o.next_batch(None, 10).await.unwrap();
     assert_eq!(left.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);

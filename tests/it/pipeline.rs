@@ -5,6 +5,7 @@ use crate::common::{fashion_rows, imagenet_bundle, repo};
 use arc_swap::ArcSwap;
 use attrd::bundle::{self, Bundle, NewBundle};
 use attrd::engine::{Engine, EngineConfig, postprocess};
+use attrd::metrics::Metrics;
 use attrd::payload::{ResultPayload, SourceKind};
 use attrd::pipeline::{Finished, NotStored, Pipeline, PipelineConfig};
 use attrd::preprocess::{Limits, Preprocessor};
@@ -65,7 +66,7 @@ fn shot(sku: &str, path: &Path) -> (Shot, oneshot::Receiver<ShotOutcome>) {
         sku,
         std::fs::read(path).unwrap(),
         OffsetDateTime::now_utc(),
-        Origin::Hotfolder { path: path.to_path_buf() },
+        Origin::Hotfolder { source: "studio-a".into(), path: path.to_path_buf() },
     )
 }
 
@@ -130,9 +131,10 @@ async fn shots_from_several_sources_are_micro_batched_and_each_gets_its_own_resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_image_fails_alone_and_at_once() {
+async fn a_bad_image_fails_alone_and_at_once_and_is_counted() {
     let (out, out_rx) = mpsc::channel(16);
-    let p = Pipeline::spawn(engine_cell(), cfg(), "n", out).unwrap();
+    let metrics = Metrics::new();
+    let p = Pipeline::spawn_with_metrics(engine_cell(), cfg(), "n", out, metrics.clone()).unwrap();
     let consumer = ack_all(out_rx);
     let good = photos(2);
     let (a, ra) = shot("A", &good[0]);
@@ -162,6 +164,17 @@ async fn a_bad_image_fails_alone_and_at_once() {
     assert_eq!(skus, ["A", "B"]);
     let st = p.stats.snapshot();
     assert_eq!((st.decode_failed, st.failed, st.durable), (2, 2, 2));
+    // The daemon's metrics see the same: images by source, both failures by kind, and every engine run's size.
+    let text = metrics.encode();
+    let value = |series: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("{series}:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value(r#"attrd_images_total{source="studio-a"}"#), 2.0);
+    assert_eq!(value(r#"attrd_images_total{source="http"}"#), 2.0);
+    assert_eq!(value(r#"attrd_errors_total{kind="decode"}"#), 2.0);
+    assert_eq!(value("attrd_batch_size_sum"), 2.0);
+    assert_eq!(value("attrd_batch_size_count"), st.batches as f64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
