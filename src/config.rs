@@ -200,6 +200,20 @@ impl Config {
             fix(p);
         }
         fix(&mut self.outbox.path);
+        if let Some(p) = self.engine.tensorrt_cache_dir.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.http.token_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.mqtt.password_file.as_mut() {
+            fix(p);
+        }
+        if let Some(tls) = self.mqtt.tls.as_mut() {
+            fix(&mut tls.ca_file);
+            tls.client_cert_file.iter_mut().for_each(fix);
+            tls.client_key_file.iter_mut().for_each(fix);
+        }
         if let Some(p) = self.demo.seed_hotfolder.as_mut() {
             fix(p);
         }
@@ -241,6 +255,10 @@ impl Config {
             return bad("models.receive_timeout must be greater than 0".into());
         }
         self.pipeline.validate().map_err(|e| ConfigError::Invalid(format!("pipeline: {e}")))?;
+        // Reads the token file: a missing one is a configuration error now, not a failed start after a reload.
+        self.http.resolve_token().map_err(|e| ConfigError::Invalid(crate::util::error_chain(&e)))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.filter)
+            .map_err(|e| ConfigError::Invalid(format!("log.filter {:?}: {e}", self.log.filter)))?;
         self.mqtt.validate().map_err(|e| ConfigError::Invalid(format!("mqtt: {e}")))?;
         if self.demo.spawn_broker && !matches!(self.mqtt.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
             return bad(format!("demo.spawn_broker needs mqtt.host on loopback, not {:?}", self.mqtt.host));

@@ -217,7 +217,10 @@ fn main() -> ExitCode {
     if let Command::Run { config } = &cli.command {
         return run_daemon(config.clone());
     }
-    let _ = init_logging(&cli.log, attrd::config::LogFormat::Text);
+    if let Err(e) = init_logging(&cli.log, attrd::config::LogFormat::Text) {
+        eprintln!("attrd: error: --log / ATTRD_LOG: {e}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -230,20 +233,21 @@ fn main() -> ExitCode {
 /// Sets the log filter of a running daemon (SIGHUP applies `log.filter` through it).
 pub(crate) type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
-fn init_logging(filter: &str, format: attrd::config::LogFormat) -> SetLogFilter {
+/// Fails only on a bad filter: `log.filter` is checked with the configuration, so that means `ATTRD_LOG`.
+fn init_logging(filter: &str, format: attrd::config::LogFormat) -> Result<SetLogFilter, String> {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{EnvFilter, fmt, reload};
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = EnvFilter::try_new(filter).map_err(|e| format!("log filter {filter:?}: {e}"))?;
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         attrd::config::LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).init(),
         attrd::config::LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).init(),
     }
-    Box::new(move |f: &str| {
+    Ok(Box::new(move |f: &str| {
         let new = EnvFilter::try_new(f).map_err(|e| format!("log filter {f:?}: {e}"))?;
         handle.reload(new).map_err(|e| e.to_string())
-    })
+    }))
 }
 
 fn run_daemon(config: PathBuf) -> ExitCode {
@@ -255,7 +259,14 @@ fn run_daemon(config: PathBuf) -> ExitCode {
         }
     };
     let filter = std::env::var("ATTRD_LOG").unwrap_or_else(|_| cfg.log.filter.clone());
-    let set_filter = init_logging(&filter, cfg.log.format);
+    let set_filter = match init_logging(&filter, cfg.log.format) {
+        Ok(s) => s,
+        Err(e) => {
+            let from = if std::env::var_os("ATTRD_LOG").is_some() { "ATTRD_LOG" } else { "log.filter" };
+            eprintln!("attrd: error: {from}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("attrd").build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -77,8 +77,11 @@ fn reconfiguration(path: &Path, current: &Config) -> Result<Option<Config>> {
     if new.log.format != current.log.format {
         bail!("log.format cannot change while running (the log stream's format is fixed at start); restart attrd");
     }
-    tracing_subscriber::EnvFilter::try_new(&new.log.filter)
-        .map_err(|e| anyhow::anyhow!("log.filter {:?}: {e}", new.log.filter))?;
+    if new.engine.ort_library != current.engine.ort_library {
+        bail!(
+            "engine.ort_library cannot change while running (ONNX Runtime is loaded once per process); restart attrd"
+        );
+    }
     if new.demo.spawn_broker != current.demo.spawn_broker {
         bail!("demo.spawn_broker cannot change while running; restart attrd");
     }

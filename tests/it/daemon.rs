@@ -258,6 +258,11 @@ fn config_errors_are_specific() {
         ("[[sources]]\ntype = \"ftp\"\n", "unknown variant `ftp`"),
         ("[pipeline]\nmax_batch = 0\n", "max_batch"),
         ("[engine]\nproviders = [\"opencl\"]\n", "opencl"),
+        // Checked with the rest, so `config check` and a SIGHUP refuse them instead of a restart failing.
+        ("[http]\nmax_concurrent_infer = 0\n", "max_concurrent_infer is 0"),
+        ("[http]\ntoken = \"a\"\ntoken_file = \"b\"\n", "both set"),
+        ("[http]\ntoken_file = \"no-such-token\"\n", "no-such-token"),
+        ("[log]\nfilter = \"attrd=debg\"\n", "log.filter \"attrd=debg\""),
     ];
     let key = repo().join("config/keys/attrd-demo.pub");
     for (i, (body, expect)) in cases.iter().enumerate() {
@@ -277,6 +282,23 @@ fn config_errors_are_specific() {
         assert!(!out.status.success(), "{body}: accepted");
         assert!(err.contains(expect), "{body}: {err:?} does not mention {expect:?}");
     }
+    // A relative token file is found next to the configuration, wherever attrd runs from.
+    std::fs::write(tmp.path().join("http-token"), "s3cret\n").unwrap();
+    let path = tmp.path().join("relative.toml");
+    let keys = format!("[models]\ntrusted_keys = [\"{}\"]\n", key.display());
+    std::fs::write(&path, format!("{keys}[http]\ntoken_file = \"http-token\"\n")).unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_attrd")).args(["config", "check", "--config"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A bad ATTRD_LOG is an error too, not a silent fallback.
+    let out = Command::new(env!("CARGO_BIN_EXE_attrd"))
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .env("ATTRD_LOG", "attrd=debg")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("ATTRD_LOG") && err.contains("debg"), "{err}");
     // The demo configuration is valid as shipped.
     let out = Command::new(env!("CARGO_BIN_EXE_attrd"))
         .args(["config", "check", "--config"])
