@@ -61,6 +61,11 @@ pub struct HttpConfig {
     /// How long `/v1/capture` waits for the capture side to accept a trigger before answering 503. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub capture_timeout: Duration,
+    /// How long an upload may take to arrive once its turn has come; slower ones get 408. An upload holds one of the
+    /// `max_concurrent_infer` slots while it arrives, so without this a few stalled clients would block `/v1/infer`.
+    /// Default 60 s (64 MiB at 10 Mbit/s takes 54 s).
+    #[serde(with = "humantime_serde")]
+    pub upload_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -73,6 +78,7 @@ impl Default for HttpConfig {
             max_body_bytes: 64 * 1024 * 1024,
             max_concurrent_infer: 4,
             capture_timeout: Duration::from_secs(10),
+            upload_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -88,6 +94,7 @@ impl fmt::Debug for HttpConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_concurrent_infer", &self.max_concurrent_infer)
             .field("capture_timeout", &self.capture_timeout)
+            .field("upload_timeout", &self.upload_timeout)
             .finish()
     }
 }
@@ -100,6 +107,9 @@ impl HttpConfig {
         }
         if self.max_concurrent_infer == 0 {
             return Err(HttpError::Config("http.max_concurrent_infer is 0, must be at least 1".into()));
+        }
+        if self.upload_timeout.is_zero() {
+            return Err(HttpError::Config("http.upload_timeout is 0, must be greater".into()));
         }
         let (token, origin) = match (&self.token, &self.token_file) {
             (Some(_), Some(_)) => {
@@ -193,6 +203,7 @@ pub struct HttpState {
     token: Option<Arc<str>>,
     max_body_bytes: usize,
     capture_timeout: Duration,
+    upload_timeout: Duration,
     infer_slots: Arc<Semaphore>,
     preprocessor: Arc<Mutex<Option<Preprocessor>>>,
 }
@@ -216,6 +227,7 @@ impl HttpState {
             token,
             max_body_bytes: cfg.max_body_bytes,
             capture_timeout: cfg.capture_timeout,
+            upload_timeout: cfg.upload_timeout,
             infer_slots: Arc::new(Semaphore::new(cfg.max_concurrent_infer)),
             preprocessor: Arc::new(Mutex::new(None)),
         })
@@ -509,7 +521,16 @@ async fn infer_inner(
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the HTTP API is shutting down")
         })?;
     state.metrics.observe_stage(Stage::Queue, received.elapsed());
-    let body = Bytes::from_request(req, &()).await.map_err(|e| body_error(e, state.max_body_bytes))?;
+    let body = tokio::time::timeout(state.upload_timeout, Bytes::from_request(req, &()))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_timeout",
+                format!("the upload did not arrive within {:?} (http.upload_timeout)", state.upload_timeout),
+            )
+        })?
+        .map_err(|e| body_error(e, state.max_body_bytes))?;
     state.metrics.image("http");
     let pre = state.preprocessor(&engine).map_err(|e| ApiError::from_preprocess(&e))?;
 

@@ -412,7 +412,7 @@ impl Engine {
         }
         let report = ProviderReport { active, fallbacks };
         let (tx, rx) = mpsc::sync_channel::<Job>(4);
-        let heads: Vec<String> = manifest.heads.iter().map(|h| h.name.clone()).collect();
+        let heads: Vec<(String, usize)> = manifest.heads.iter().map(|h| (h.name.clone(), h.classes.len())).collect();
         let input_name = manifest.input_name.clone();
         std::thread::Builder::new()
             .name(format!("ort-{}", manifest.name))
@@ -608,7 +608,8 @@ fn check_tensor(kind: &str, name: &str, ty: &ValueType, dims: &[usize]) -> Resul
     Ok(())
 }
 
-fn session_thread(mut session: Session, rx: mpsc::Receiver<Job>, input_name: String, heads: Vec<String>) {
+/// `heads`: each output's name and the number of classes the manifest gives it.
+fn session_thread(mut session: Session, rx: mpsc::Receiver<Job>, input_name: String, heads: Vec<(String, usize)>) {
     while let Ok(job) = rx.recv() {
         let result = run_batch(&mut session, &input_name, &heads, &job.batch);
         // The caller may have given up waiting (e.g. shutdown); nothing to do then.
@@ -620,7 +621,7 @@ fn session_thread(mut session: Session, rx: mpsc::Receiver<Job>, input_name: Str
 fn run_batch(
     session: &mut Session,
     input: &str,
-    heads: &[String],
+    heads: &[(String, usize)],
     batch: &Array4<f32>,
 ) -> Result<BatchOutput, EngineError> {
     let n = batch.shape()[0];
@@ -629,7 +630,7 @@ fn run_batch(
     let outputs = session.run(ort::inputs![input => tensor]).map_err(|e| EngineError::Run(e.to_string()))?;
     let run_time = started.elapsed();
     let mut logits = Vec::with_capacity(heads.len());
-    for head in heads {
+    for (head, expected) in heads {
         let value = outputs.get(head).ok_or_else(|| EngineError::Run(format!("output {head:?} missing")))?;
         let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| EngineError::Run(e.to_string()))?;
         if shape.len() != 2 || shape[0] as usize != n {
@@ -638,7 +639,14 @@ fn run_batch(
         if data.iter().any(|v| !v.is_finite()) {
             return Err(EngineError::NonFinite { head: head.clone() });
         }
+        // ONNX Runtime only warns when an output differs from its declared shape; a width other than the manifest's
+        // would put probabilities under the wrong class names, or index past them.
         let classes = shape[1] as usize;
+        if classes != *expected {
+            return Err(EngineError::Run(format!(
+                "output {head:?} has {classes} classes, the manifest lists {expected}"
+            )));
+        }
         let arr = Array2::from_shape_vec((n, classes), data.to_vec()).map_err(|e| EngineError::Run(e.to_string()))?;
         logits.push(arr);
     }

@@ -519,3 +519,29 @@ async fn serves_over_tcp_and_shuts_down_gracefully() {
     tokio::time::timeout(Duration::from_secs(10), server).await.expect("server did not stop").unwrap().unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
 }
+
+#[tokio::test]
+async fn a_stalled_upload_gets_408_and_frees_its_slot() {
+    let cfg = HttpConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_concurrent_infer: 1,
+        upload_timeout: Duration::from_millis(500),
+        ..HttpConfig::default()
+    };
+    let listener = bind(&cfg).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = app_with(cfg, true, true, None);
+    let server = tokio::spawn(serve_on(listener, app.router.clone(), std::future::pending()));
+    // Announces 100 kB and sends 7 bytes, then waits: it holds the only slot until the timeout.
+    let head = "POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n";
+    let (status, _, body) = raw_http(addr, head, b"partial").await;
+    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("http.upload_timeout"), "{}", String::from_utf8_lossy(&body));
+    // The slot is free again: a whole upload is served.
+    let img = photo("Tshirts");
+    let head =
+        format!("POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", img.len());
+    let (status, _, body) = raw_http(addr, &head, &img).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    server.abort();
+}
