@@ -27,8 +27,13 @@ pub enum ModelError {
     },
     #[error("no installed bundle is called {0:?} (see `attrd model list`)")]
     NotInstalled(String),
-    #[error("{0} is already installed")]
-    AlreadyInstalled(String),
+    #[error("{label} is already installed")]
+    AlreadyInstalled {
+        /// The bundle, for people.
+        label: String,
+        /// Its directory in the store: what `activate` takes.
+        id: String,
+    },
     #[error("no model is active")]
     NoneActive,
     #[error("nothing to roll back to: no previous activation is recorded")]
@@ -131,7 +136,7 @@ impl ModelStore {
             self.verify(&b)?;
             let id = bundle_id(&b);
             if self.dir.join(&id).exists() {
-                return Err(ModelError::AlreadyInstalled(b.label()));
+                return Err(ModelError::AlreadyInstalled { label: b.label(), id });
             }
             // Re-pack through the archive path: one code path for what enters the store, with all its checks.
             let tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io_err(&self.dir))?;
@@ -149,8 +154,10 @@ impl ModelStore {
     /// Installs a bundle archive from any reader (file, HTTP body, MQTT payload).
     pub fn install_tar(&self, archive: impl std::io::Read) -> Result<Bundle, ModelError> {
         let b = bundle::unpack_tar(archive, &self.dir).map_err(|e| match e {
-            BundleError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists => {
-                ModelError::AlreadyInstalled("this bundle version".into())
+            BundleError::Io { path, source } if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                // The path is the store directory the archive's bundle would have gone to.
+                let id = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                ModelError::AlreadyInstalled { label: id.clone(), id }
             }
             other => other.into(),
         })?;

@@ -266,10 +266,8 @@ fn bootstrap(store: &ModelStore, cfg: &Config) -> Result<()> {
     let Some(src) = &cfg.models.bootstrap else { return Ok(()) };
     let id = match store.install(src) {
         Ok(b) => dir_name(b.dir()),
-        Err(ModelError::AlreadyInstalled(_)) => {
-            let b = Bundle::open(src)?;
-            format!("{}-{}", b.manifest().name, b.manifest().version)
-        }
+        // Installed by an earlier start whose activation failed (from a directory or an archive alike).
+        Err(ModelError::AlreadyInstalled { id, .. }) => id,
         Err(e) => return Err(e).with_context(|| format!("installing bootstrap bundle {}", src.display())),
     };
     store.activate(&id, &cfg.engine.foreground()).with_context(|| format!("activating bootstrap bundle {id}"))?;

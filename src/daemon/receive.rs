@@ -209,7 +209,7 @@ async fn install(
     let outcome = tokio::task::spawn_blocking(move || {
         let b = match store.install_tar(std::io::Cursor::new(archive)) {
             Ok(b) => b,
-            Err(ModelError::AlreadyInstalled(l)) => return Err(format!("{l} is already installed")),
+            Err(ModelError::AlreadyInstalled { label, .. }) => return Err(format!("{label} is already installed")),
             Err(e) => return Err(error_chain(&e)),
         };
         let id = b.dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -644,3 +644,33 @@ async fn mqtt_capture_command_triggers_a_camera_and_publishes_its_result() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// A fresh box bootstrapped from a bundle archive whose first activation failed (here: ONNX Runtime not found) must
+/// not be stuck: the archive is installed by then, and the next start activates the installed copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_archive_whose_first_activation_failed_is_activated_on_the_next_start() {
+    let broker = Mosquitto::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let tar = tmp.path().join("boot.tar");
+    let bundle = attrd::bundle::Bundle::open(repo().join("models/fashion-lite0-int8")).unwrap();
+    attrd::bundle::pack_tar(&bundle, &tar).unwrap();
+    let bad_ort = "ort_library = \"/nonexistent/libonnxruntime.so\"";
+    let node = Node::build("it-boot", broker.port, bad_ort, "", &tar);
+    let first = Command::new(env!("CARGO_BIN_EXE_attrd"))
+        .args(["run", "--config"])
+        .arg(&node.config)
+        .env("ATTRD_LOG", "info,ort=warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(!first.status.success(), "{err}");
+    assert!(err.contains("/nonexistent/libonnxruntime.so"), "{err}");
+
+    let text = std::fs::read_to_string(&node.config).unwrap().replace(bad_ort, "");
+    std::fs::write(&node.config, text).unwrap();
+    let mut child = node.start();
+    wait_ready_within(&node, &mut child, 30).await;
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.dir.path().join("models/state.json")).unwrap()).unwrap();
+    assert_eq!(state["active"], "fashion-attributes-1.0.0", "{state}");
+}

@@ -81,7 +81,7 @@ fn install_activate_self_test_and_rollback() {
     let (back, _, _) = store.rollback(&cfg).unwrap();
     assert_eq!(back, "imagenet-lite0-1.0.0");
     assert_eq!(store.active().unwrap().label(), "imagenet-lite0@1.0.0");
-    assert!(matches!(store.install(&imagenet_bundle()), Err(ModelError::AlreadyInstalled(_))));
+    assert!(matches!(store.install(&imagenet_bundle()), Err(ModelError::AlreadyInstalled { .. })));
 }
 
 fn demo_keys_key() -> ed25519_dalek::VerifyingKey {
