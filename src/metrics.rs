@@ -80,15 +80,19 @@ pub enum Alarm {
     OutboxUnwritable,
     /// The outbox holds its configured maximum (the broker has been away too long).
     OutboxFull,
+    /// At start the active model could not serve (it failed verification or its self-test), and a previous one
+    /// serves instead. Cleared when another model is activated.
+    ModelFallback,
 }
 
 impl Alarm {
-    pub const ALL: [Alarm; 2] = [Alarm::OutboxUnwritable, Alarm::OutboxFull];
+    pub const ALL: [Alarm; 3] = [Alarm::OutboxUnwritable, Alarm::OutboxFull, Alarm::ModelFallback];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Alarm::OutboxUnwritable => "outbox_unwritable",
             Alarm::OutboxFull => "outbox_full",
+            Alarm::ModelFallback => "model_fallback",
         }
     }
 }

@@ -264,14 +264,39 @@ impl ModelStore {
         let target =
             state.previous.iter().find(|p| self.dir.join(p).is_dir()).cloned().ok_or(ModelError::NoPrevious)?;
         let (engine, report) = self.activate(&target, cfg)?;
-        // activate() pushed the rolled-back-from bundle onto the history; a rollback should not bounce back to it.
-        let mut s = self.state()?;
-        if let Some(from) = state.active {
-            s.previous.retain(|p| p != &from);
-            s.previous.push(from);
-            self.write_state(&s)?;
-        }
+        self.demote(state.active)?;
         Ok((target, engine, report))
+    }
+
+    /// Activates the most recent previous bundle that is installed and passes its self-test, trying each in turn:
+    /// for a box whose active bundle cannot serve any more (a new attrd or ONNX Runtime fails its golden set, a
+    /// damaged file). The failing bundle goes to the end of the history. Returns the last failure when none passes.
+    pub fn fall_back(&self, cfg: &EngineConfig) -> Result<(String, Engine, SelfTestReport), ModelError> {
+        let state = self.state()?;
+        let mut last = ModelError::NoPrevious;
+        for target in state.previous.iter().filter(|p| self.dir.join(p).is_dir()) {
+            match self.activate(target, cfg) {
+                Ok((engine, report)) => {
+                    self.demote(state.active)?;
+                    return Ok((target.clone(), engine, report));
+                }
+                Err(e) => {
+                    tracing::error!(bundle = %target, error = %crate::util::error_chain(&e), "previous bundle cannot serve either");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Moves `from` (the bundle active before a rollback) to the end of the history: activate() put it first, and a
+    /// rollback should not bounce back to it.
+    fn demote(&self, from: Option<String>) -> Result<(), ModelError> {
+        let Some(from) = from else { return Ok(()) };
+        let mut s = self.state()?;
+        s.previous.retain(|p| p != &from);
+        s.previous.push(from);
+        self.write_state(&s)
     }
 }
 

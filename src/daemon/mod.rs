@@ -11,7 +11,7 @@ use attrd::bundle::{Bundle, TrustedKeys};
 use attrd::config::Config;
 use attrd::engine::Engine;
 use attrd::http::{self, CaptureAccepted, CaptureRefusal, CaptureRequest, EngineSource, HttpState};
-use attrd::metrics::Metrics;
+use attrd::metrics::{Alarm, Metrics};
 use attrd::models::{self, ModelError, ModelStore};
 use attrd::mqtt::{IncomingCommand, Publisher, PublisherHandle, Topics};
 use attrd::outbox::{NewMessage, Outbox};
@@ -100,12 +100,13 @@ async fn serve(config_path: &Path, cfg: &Config, notifier: Notifier, started: In
     // Activation self-tests the model, which blocks on the inference thread: keep it off the async workers.
     let (s, c) = (store.clone(), cfg.clone());
     tokio::task::spawn_blocking(move || bootstrap(&s, &c)).await.context("bootstrap thread")??;
-    let active = store.active().context("no model is active; install one with `attrd model install --activate`")?;
-    notifier.status(&format!("self-testing {}", active.label()));
-    let (engine, report) = load_and_test(active.clone(), cfg).await?;
+    let (active, engine, report, fallback) = start_model(&store, cfg, &notifier).await?;
     tracing::info!(model = %active.label(), provider = %report.provider, golden = report.golden_items,
         max_abs_diff = report.max_abs_diff, cpu_max_abs_diff = report.cpu_max_abs_diff, "model ready");
     let metrics = Metrics::new();
+    if let Some(reason) = &fallback {
+        metrics.raise(Alarm::ModelFallback, reason);
+    }
     metrics.set_model(&engine);
     let engine = Arc::new(ArcSwap::from_pointee(engine));
 
@@ -272,6 +273,42 @@ fn bootstrap(store: &ModelStore, cfg: &Config) -> Result<()> {
     };
     store.activate(&id, &cfg.engine.foreground()).with_context(|| format!("activating bootstrap bundle {id}"))?;
     Ok(())
+}
+
+/// The active bundle, loaded and self-tested. When it cannot serve, the previous bundles are tried in turn
+/// (`ModelStore::fall_back`), so a box keeps serving a model it served before; the reason comes back with the one
+/// that serves, for the `model_fallback` alarm.
+async fn start_model(
+    store: &ModelStore,
+    cfg: &Config,
+    notifier: &Notifier,
+) -> Result<(Bundle, Engine, models::SelfTestReport, Option<String>)> {
+    let failure = match store.active() {
+        Ok(b) => {
+            notifier.status(&format!("self-testing {}", b.label()));
+            match load_and_test(b.clone(), cfg).await {
+                Ok((engine, report)) => return Ok((b, engine, report, None)),
+                Err(e) => e,
+            }
+        }
+        Err(ModelError::NoneActive) => {
+            bail!("no model is active; install one with `attrd model install --activate`")
+        }
+        Err(e) => anyhow::Error::from(e).context("opening the active model"),
+    };
+    let failed = store.state().ok().and_then(|s| s.active).unwrap_or_default();
+    tracing::error!(model = %failed, error = %format!("{failure:#}"), "the active model cannot serve; trying the previous ones");
+    notifier.status(&format!("{failed} cannot serve; trying the previous models"));
+    let (s, engine_cfg) = (store.clone(), cfg.engine.foreground());
+    match tokio::task::spawn_blocking(move || s.fall_back(&engine_cfg)).await.context("fallback thread")? {
+        Ok((id, engine, report)) => {
+            let reason = format!("{failed} cannot serve ({failure:#}); the previous model {id} serves instead");
+            tracing::error!(alarm = Alarm::ModelFallback.as_str(), "ALARM {reason}");
+            Ok((store.get(&id)?, engine, report, Some(reason)))
+        }
+        Err(ModelError::NoPrevious) => Err(failure),
+        Err(e) => Err(failure.context(format!("no previous model can serve either (the last: {})", error_chain(&e)))),
+    }
 }
 
 fn dir_name(p: &Path) -> String {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use arc_swap::ArcSwap;
 use attrd::bundle::Bundle;
 use attrd::engine::Engine;
-use attrd::metrics::Metrics;
+use attrd::metrics::{Alarm, Metrics};
 use attrd::models::SelfTestReport;
 use attrd::mqtt::PublisherHandle;
 use attrd::util::now_rfc3339;
@@ -70,6 +70,11 @@ impl ModelSlot {
     pub(crate) fn swap(&self, engine: Engine, report: SelfTestReport, bundle: Bundle) {
         let label = bundle.label();
         let provider = report.provider.clone();
+        if !self.is_current(&bundle)
+            && let Some(r) = self.metrics.clear(Alarm::ModelFallback)
+        {
+            tracing::info!(alarm = Alarm::ModelFallback.as_str(), since = %r.since, model = %label, "alarm cleared: another model was activated");
+        }
         self.metrics.set_model(&engine);
         self.engine.store(Arc::new(engine));
         {

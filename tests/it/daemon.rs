@@ -674,3 +674,52 @@ async fn a_bootstrap_archive_whose_first_activation_failed_is_activated_on_the_n
         serde_json::from_slice(&std::fs::read(node.dir.path().join("models/state.json")).unwrap()).unwrap();
     assert_eq!(state["active"], "fashion-attributes-1.0.0", "{state}");
 }
+
+/// The active model cannot serve any more (here its ONNX file was damaged; after an upgrade it may fail its golden
+/// set): attrd starts with the previous model, raises `model_fallback`, and records the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_active_model_cannot_serve_falls_back_to_the_previous_one_and_raises_an_alarm() {
+    let broker = Mosquitto::start();
+    let node = Node::with_bundle("it-fallback", broker.port, &repo().join("models/fashion-lite0-int8"));
+    let models = node.dir.path().join("models");
+    let keys = attrd::bundle::TrustedKeys::from_files([repo().join("config/keys/attrd-demo.pub")]).unwrap();
+    let store = attrd::models::ModelStore::open(&models, keys, false).unwrap();
+    store.install(&repo().join("models/fashion-lite0-int8")).unwrap();
+    let newer = store.install(&imagenet_bundle()).unwrap();
+    let state = attrd::models::State {
+        active: Some("imagenet-lite0-1.0.0".into()),
+        previous: vec!["fashion-attributes-1.0.0".into()],
+    };
+    std::fs::write(models.join("state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    let mut onnx = std::fs::OpenOptions::new().append(true).open(newer.dir().join("model.onnx")).unwrap();
+    std::io::Write::write_all(&mut onnx, b"damage").unwrap();
+    drop(onnx);
+
+    let mut child = node.start();
+    wait_ready_within(&node, &mut child, 60).await;
+    let log = node.log();
+    assert!(log.contains("ALARM imagenet-lite0-1.0.0 cannot serve"), "{log}");
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", node.http_port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    assert!(metrics.contains("attrd_alarm{alarm=\"model_fallback\"} 1"), "{metrics}");
+    let state: attrd::models::State =
+        serde_json::from_slice(&std::fs::read(models.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state.active.as_deref(), Some("fashion-attributes-1.0.0"));
+    // The damaged bundle is last in the history, so a rollback does not go back to it first.
+    assert_eq!(state.previous.last().map(String::as_str), Some("imagenet-lite0-1.0.0"));
+    // And the fallback model serves.
+    node.drop_photos(&["FALLBACK1".to_string()]);
+    for _ in 0..600 {
+        if node.files_in("done").contains("FALLBACK1_front.jpg") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(node.files_in("done").contains("FALLBACK1_front.jpg"), "{:?}\n{}", node.files_in("done"), node.log());
+}
