@@ -16,6 +16,7 @@ use crate::bundle::sha256_bytes;
 use crate::engine::{Attributes, Engine, EngineError};
 use crate::metrics::{ErrorKind, Metrics, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE, Stage};
 use crate::preprocess::{Limits, PreprocessError, Preprocessor};
+use crate::sources::{Origin, Shot, ShotOutcome};
 use crate::util::error_chain;
 use axum::Router;
 use axum::body::Bytes;
@@ -32,6 +33,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
@@ -199,6 +201,9 @@ pub struct HttpState {
     metrics: Metrics,
     ready: watch::Receiver<bool>,
     capture: Option<mpsc::Sender<CaptureRequest>>,
+    /// Weak, so that the daemon's drain (which drops its own sender and waits for the pipeline to finish) does not
+    /// wait for the HTTP server too: an upload after that is told to come back.
+    pipeline: Option<mpsc::WeakSender<Shot>>,
     limits: Limits,
     token: Option<Arc<str>>,
     max_body_bytes: usize,
@@ -223,6 +228,7 @@ impl HttpState {
             metrics,
             ready,
             capture: None,
+            pipeline: None,
             limits: Limits::default(),
             token,
             max_body_bytes: cfg.max_body_bytes,
@@ -236,6 +242,12 @@ impl HttpState {
     /// Where `/v1/capture` sends triggers; without it (no cameras), `/v1/capture` answers 503.
     pub fn with_capture(mut self, tx: mpsc::Sender<CaptureRequest>) -> Self {
         self.capture = Some(tx);
+        self
+    }
+
+    /// Where `POST /v1/photos` hands its uploads: the daemon's pipeline, whose results go through the outbox to MQTT.
+    pub fn with_pipeline(mut self, shots: &mpsc::Sender<Shot>) -> Self {
+        self.pipeline = Some(shots.downgrade());
         self
     }
 
@@ -269,6 +281,7 @@ pub fn router(state: HttpState) -> Router {
     let state = Arc::new(state);
     let protected = Router::new()
         .route("/v1/infer", post(infer))
+        .route("/v1/photos", post(photos))
         .route("/v1/capture", post(capture).layer(DefaultBodyLimit::max(MAX_CAPTURE_BODY)))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -521,16 +534,7 @@ async fn infer_inner(
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the HTTP API is shutting down")
         })?;
     state.metrics.observe_stage(Stage::Queue, received.elapsed());
-    let body = tokio::time::timeout(state.upload_timeout, Bytes::from_request(req, &()))
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "upload_timeout",
-                format!("the upload did not arrive within {:?} (http.upload_timeout)", state.upload_timeout),
-            )
-        })?
-        .map_err(|e| body_error(e, state.max_body_bytes))?;
+    let body = read_upload(state, req).await?;
     state.metrics.image("http");
     let pre = state.preprocessor(&engine).map_err(|e| ApiError::from_preprocess(&e))?;
 
@@ -566,6 +570,81 @@ async fn infer_inner(
         latency_ms: latency.as_secs_f64() * 1000.0,
         attributes,
     }))
+}
+
+/// The request body, within `http.max_body_bytes` and `http.upload_timeout`.
+async fn read_upload(state: &HttpState, req: Request) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(state.upload_timeout, Bytes::from_request(req, &()))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_timeout",
+                format!("the upload did not arrive within {:?} (http.upload_timeout)", state.upload_timeout),
+            )
+        })?
+        .map_err(|e| body_error(e, state.max_body_bytes))
+}
+
+// ----- /v1/photos ------------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PhotoQuery {
+    sku: Option<String>,
+}
+
+/// `POST /v1/photos` answer (202): the photo's result is stored durably in the outbox and will be published on
+/// `<prefix>/<node>/results/<sku>`, like a hot-folder photo's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhotoAccepted {
+    pub sku: String,
+    /// SHA-256 of the uploaded bytes, as the result's `source.image_sha256` will say.
+    pub image_sha256: String,
+}
+
+/// Takes a photo into the pipeline and answers once its result is stored, so a 202 means the same as a hot-folder
+/// file reaching `done/`: it will reach the broker, across restarts and outages. Sending the same photo again after
+/// an error or a lost answer is safe: its result carries the same `message_id`.
+async fn photos(
+    State(state): State<Arc<HttpState>>,
+    query: Result<Query<PhotoQuery>, QueryRejection>,
+    req: Request,
+) -> Result<(StatusCode, axum::Json<PhotoAccepted>), ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let sku = query.sku.ok_or_else(|| ApiError::bad_request("sku is missing: POST /v1/photos?sku=<SKU>"))?;
+    validate_sku(&sku).map_err(ApiError::bad_request)?;
+    let Some(weak) = &state.pipeline else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_pipeline",
+            "this server does not publish results",
+        ));
+    };
+    let stopping = || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "retry_later", "attrd is stopping; send it again");
+    if state.ready_engine().is_none() {
+        return Err(ApiError::not_ready(&state));
+    }
+    // As for /v1/infer, the slot bounds the memory held by uploads, here until the result is stored.
+    let _slot =
+        state.infer_slots.acquire().await.map_err(|_| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the HTTP API is shutting down")
+        })?;
+    let body = read_upload(&state, req).await?;
+    let image_sha256 = sha256_bytes(&body);
+    let (shot, outcome) =
+        Shot::new(sku.clone(), body.to_vec(), OffsetDateTime::now_utc(), Origin::Http { client: None });
+    let pipeline = weak.upgrade().ok_or_else(stopping)?;
+    pipeline.send(shot).await.map_err(|_| stopping())?;
+    drop(pipeline);
+    match outcome.await.map_err(|_| stopping())? {
+        ShotOutcome::Durable => {
+            tracing::info!(%sku, %image_sha256, "photo uploaded; result stored");
+            Ok((StatusCode::ACCEPTED, axum::Json(PhotoAccepted { sku, image_sha256 })))
+        }
+        ShotOutcome::Failed(reason) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "failed", reason)),
+        ShotOutcome::RetryLater(reason) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "retry_later", reason)),
+    }
 }
 
 // ----- /v1/capture -----------------------------------------------------------------------------------------------

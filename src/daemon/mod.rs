@@ -146,6 +146,7 @@ async fn serve(config_path: &Path, cfg: &Config, notifier: Notifier, started: In
         let source: EngineSource = Arc::new(move || Some(e.load_full()));
         let state = HttpState::new(&cfg.http, source, metrics.clone(), ready_rx)?
             .with_capture(capture_tx.clone())
+            .with_pipeline(&pipeline.shots)
             .with_limits(cfg.pipeline.limits);
         let listener = http::bind(&cfg.http).await.context("binding the HTTP API")?;
         let stop = async move {

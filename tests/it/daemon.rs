@@ -723,3 +723,64 @@ async fn a_start_whose_active_model_cannot_serve_falls_back_to_the_previous_one_
     }
     assert!(node.files_in("done").contains("FALLBACK1_front.jpg"), "{:?}\n{}", node.files_in("done"), node.log());
 }
+
+/// One raw HTTP/1.0 POST to the daemon: status and body.
+fn post_raw(port: u16, path_and_query: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let head = format!("POST {path_and_query} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len());
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").expect("no end of headers");
+    let status = String::from_utf8_lossy(&out[..split]).split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_slice(&out[split + 4..]).unwrap_or(serde_json::Value::Null))
+}
+
+/// HTTP uploads are a source like the hot folder: `POST /v1/photos` answers 202 once the result is stored in the
+/// outbox, and the result reaches MQTT; a photo that can never produce one gets 422 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_uploads_are_published_over_mqtt_and_acknowledged_once_stored() {
+    let broker = Mosquitto::start();
+    let node = Node::with_bundle("it-upload", broker.port, &repo().join("models/fashion-lite0-int8"));
+    let sub = Sub::start(broker.port, "it-upload-sub", &["attrd/it-upload/results/#"], false).await;
+    let mut child = node.start();
+    wait_ready_within(&node, &mut child, 30).await;
+    let rows = fashion_rows();
+    let photo = std::fs::read(&rows[7].1).unwrap();
+    let port = node.http_port;
+    let (status, body) =
+        tokio::task::spawn_blocking(move || post_raw(port, "/v1/photos?sku=UP-1", &photo)).await.unwrap();
+    assert_eq!(status, 202, "{body}\n{}", node.log());
+    let sha = attrd::bundle::sha256_bytes(&std::fs::read(&rows[7].1).unwrap());
+    assert_eq!(body, serde_json::json!({"sku": "UP-1", "image_sha256": sha}));
+    let msgs = sub.wait_for("the uploaded photo's result", 60, |m| !m.is_empty()).await;
+    let result = msgs[0].json();
+    assert_eq!(msgs[0].topic, "attrd/it-upload/results/UP-1");
+    assert_eq!(
+        (result["source"]["type"].as_str(), result["source"]["image_sha256"].as_str()),
+        (Some("http"), Some(sha.as_str()))
+    );
+    assert!(result["attributes"]["articleType"]["value"].is_string(), "{result}");
+
+    // Refused with specific errors, and nothing published for them.
+    let (status, body) =
+        tokio::task::spawn_blocking(move || post_raw(port, "/v1/photos?sku=UP-2", b"<html>502</html>")).await.unwrap();
+    assert_eq!((status, body["kind"].as_str()), (422, Some("failed")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("unrecognised image format"), "{body}");
+    let (status, body) = tokio::task::spawn_blocking(move || post_raw(port, "/v1/photos", b"x")).await.unwrap();
+    assert_eq!((status, body["kind"].as_str()), (400, Some("bad_request")), "{body}");
+    let (status, body) =
+        tokio::task::spawn_blocking(move || post_raw(port, "/v1/photos?sku=A%2FB", b"x")).await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sub.messages().len(), 1, "{:?}", sub.messages().iter().map(|m| m.topic.clone()).collect::<Vec<_>>());
+    // The daemon still stops promptly: the HTTP server does not hold the pipeline open.
+    let stopped = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}\n{}", node.log());
+    assert!(stopped.elapsed() < Duration::from_secs(8), "stop took {:?}\n{}", stopped.elapsed(), node.log());
+    assert!(!node.log().contains("shutdown deadline passed"), "{}", node.log());
+}
