@@ -231,7 +231,8 @@ async fn serve(config_path: &Path, cfg: &Config, notifier: Notifier, started: In
             publisher.shutdown().await;
         }
     };
-    if tokio::time::timeout(cfg.shutdown_timeout, drain).await.is_err() {
+    let drained = tokio::time::timeout(cfg.shutdown_timeout, drain).await.is_ok();
+    if !drained {
         tracing::warn!(timeout = ?cfg.shutdown_timeout, "shutdown deadline passed; unfinished work stays in the sources and the outbox");
     }
     let _ = http_stop_tx.send(true);
@@ -251,6 +252,17 @@ async fn serve(config_path: &Path, cfg: &Config, notifier: Notifier, started: In
     }
     capture_task.abort();
     tracing::info!(restarting, "attrd stopped");
+    if restarting && !drained {
+        // The tasks the drain was waiting for still run, detached: a second instance beside them would share the hot
+        // folders, the outbox and the MQTT client id. A fresh process is the clean way to apply the configuration,
+        // and nothing is lost by it (the same as after a kill -9).
+        bail!(
+            "the drain before applying the new configuration did not finish within shutdown_timeout ({:?}); exiting \
+             so that systemd starts attrd afresh with it. Unfinished photos stay with their sources, results in the \
+             outbox",
+            cfg.shutdown_timeout
+        );
+    }
     Ok(outcome)
 }
 

@@ -784,3 +784,30 @@ async fn http_uploads_are_published_over_mqtt_and_acknowledged_once_stored() {
     assert!(stopped.elapsed() < Duration::from_secs(8), "stop took {:?}\n{}", stopped.elapsed(), node.log());
     assert!(!node.log().contains("shutdown deadline passed"), "{}", node.log());
 }
+
+/// A reload whose drain overruns `shutdown_timeout` does not start a second instance beside the detached leftovers of
+/// the first: attrd exits with an error, for systemd to start it afresh with the new configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_drain_overruns_exits_for_a_clean_restart() {
+    let broker = Mosquitto::start();
+    let node = Node::new("it-hup-slow", broker.port);
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(&node.config, format!("shutdown_timeout = \"1ms\"\n{text}")).unwrap();
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(&node.config, text.replace("node = \"it-hup-slow\"", "node = \"it-hup-slow2\"")).unwrap();
+    hup(&child);
+    let mut status = None;
+    for _ in 0..200 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = status.unwrap_or_else(|| panic!("still running after the overrun:\n{}", node.log()));
+    assert!(!status.success(), "{status}");
+    assert!(node.log().contains("exiting so that systemd starts attrd afresh"), "{}", node.log());
+    assert_eq!(node.log().matches("attrd ready").count(), 1, "{}", node.log());
+}
