@@ -182,16 +182,19 @@ impl ModelStore {
 
     fn write_state(&self, state: &State) -> Result<(), ModelError> {
         let path = self.dir.join(STATE_FILE);
-        let tmp = self.dir.join(".state.json.tmp");
         let bytes = serde_json::to_vec_pretty(state)
             .map_err(|e| ModelError::State { path: path.clone(), reason: e.to_string() })?;
+        // A temporary file of its own: the daemon and an `attrd model` command may write at the same time, and each
+        // rename must put a whole file in place.
+        let mut tmp =
+            tempfile::Builder::new().prefix(".state.json.").tempfile_in(&self.dir).map_err(io_err(&self.dir))?;
         {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-            f.write_all(&bytes).map_err(io_err(&tmp))?;
-            f.sync_all().map_err(io_err(&tmp))?;
+            tmp.write_all(&bytes).map_err(io_err(tmp.path()))?;
+            tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;
         }
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))
+        tmp.persist(&path).map_err(|e| ModelError::Io { path: path.clone(), source: e.error })?;
+        Ok(())
     }
 
     /// Opens and re-verifies an installed bundle by id (`<name>-<version>`).

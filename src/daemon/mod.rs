@@ -200,8 +200,13 @@ async fn serve(config_path: &Path, cfg: &Config, notifier: Notifier, started: In
                     }
                     Ok(Some(new)) => break Outcome::Reconfigure(Box::new(new)),
                     Ok(None) => {
-                        if let Err(e) = reload(cfg, &slot).await {
-                            tracing::error!(error = %format!("{e:#}"), "model reload failed; the running model stays");
+                        // A model load and self-test can take a while; a stop request meanwhile is not kept waiting.
+                        tokio::select! {
+                            r = reload(cfg, &slot) => if let Err(e) = r {
+                                tracing::error!(error = %format!("{e:#}"), "model reload failed; the running model stays");
+                            },
+                            _ = term.recv() => break Outcome::Stopped,
+                            _ = int.recv() => break Outcome::Stopped,
                         }
                     }
                 }
@@ -645,8 +650,11 @@ async fn idle_self_inference(
 /// SIGHUP with an unchanged configuration: switch to the model store's active bundle if it changed (after
 /// `attrd model activate` or `rollback`), without interrupting anything.
 async fn reload(cfg: &Config, slot: &Arc<ModelSlot>) -> Result<()> {
-    let store = open_store(cfg)?;
-    let active = store.active()?;
+    // Opening the active bundle hashes its files: not on the async workers.
+    let c = cfg.clone();
+    let active = tokio::task::spawn_blocking(move || -> Result<Bundle> { Ok(open_store(&c)?.active()?) })
+        .await
+        .context("model store thread")??;
     if slot.is_current(&active) {
         tracing::info!("configuration re-read; active model unchanged");
         return Ok(());

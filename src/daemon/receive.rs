@@ -52,10 +52,23 @@ pub(crate) async fn run(
     let mut pending: HashMap<String, Pending> = HashMap::new();
     // Uploads that failed verification: not fetched again on every reconnect (until the next restart).
     let mut rejected: HashSet<String> = HashSet::new();
+    // Installs run beside this loop, which must keep taking messages: an install and self-test can take minutes, and
+    // the publisher drops what this loop does not take in time. They run one at a time (`turn`), and report back
+    // here with the upload's checksum and whether it was refused.
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, bool)>();
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
+    let mut installing: HashSet<String> = HashSet::new();
     loop {
         let next_deadline = pending.values().map(|p| p.deadline).min();
         let msg = tokio::select! {
             m = rx.recv() => match m { Some(m) => m, None => return },
+            Some((sha, refused)) = done_rx.recv() => {
+                installing.remove(&sha);
+                if refused {
+                    rejected.insert(sha);
+                }
+                continue;
+            }
             _ = sleep_until(next_deadline) => {
                 expire(&mut pending, &mqtt, &slot, &cfg);
                 continue;
@@ -85,8 +98,14 @@ pub(crate) async fn run(
                     tracing::debug!(model = %name, transfer = %ann.transfer, "announcement of a rejected upload ignored");
                     continue;
                 }
+                if installing.contains(&ann.sha256) {
+                    tracing::debug!(model = %name, transfer = %ann.transfer, "announced upload is being installed");
+                    continue;
+                }
                 let id = models::id_of(&ann.name, &ann.version);
-                if store.contains(&id) {
+                // Opening an installed bundle hashes its files: not on the async workers.
+                let s = store.clone();
+                if tokio::task::spawn_blocking(move || s.contains(&id)).await.unwrap_or(false) {
                     tracing::debug!(model = %name, version = %ann.version, "announced bundle already installed");
                     if let Some(p) = pending.remove(&name) {
                         let _ = mqtt.unsubscribe(p.filter);
@@ -132,12 +151,20 @@ pub(crate) async fn run(
                         let ann = p.assembly.announcement().clone();
                         match p.assembly.finish() {
                             Ok(archive) => {
-                                if let Err(e) = install(archive, &ann, &store, &cfg, &engine_cfg, &slot).await {
-                                    rejected.insert(ann.sha256.clone());
-                                    tracing::error!(model = %name, version = %ann.version, error = %e,
-                                        "received bundle rejected; the active model keeps serving");
-                                    report_text(&slot, &name, Some(&ann), "rejected", Some(e));
-                                }
+                                installing.insert(ann.sha256.clone());
+                                let (store, cfg, engine_cfg, slot) =
+                                    (store.clone(), cfg.clone(), engine_cfg.clone(), slot.clone());
+                                let (done, turn) = (done_tx.clone(), turn.clone());
+                                tokio::spawn(async move {
+                                    let _turn = turn.lock().await;
+                                    let result = install(archive, &ann, &store, &cfg, &engine_cfg, &slot).await;
+                                    if let Err(e) = &result {
+                                        tracing::error!(model = %name, version = %ann.version, error = %e,
+                                            "received bundle rejected; the active model keeps serving");
+                                        report_text(&slot, &name, Some(&ann), "rejected", Some(e.clone()));
+                                    }
+                                    let _ = done.send((ann.sha256.clone(), result.is_err()));
+                                });
                             }
                             Err(e) => {
                                 rejected.insert(ann.sha256.clone());
