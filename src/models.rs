@@ -6,7 +6,7 @@
 
 use crate::bundle::{self, Bundle, BundleError, SignatureStatus, TrustedKeys};
 use crate::engine::{Engine, EngineConfig, EngineError, Provider, postprocess};
-use crate::preprocess::{Limits, PreprocessError, Preprocessor};
+use crate::preprocess::{Limits, Preprocessor};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -354,9 +354,11 @@ pub fn self_test(b: &Bundle, engine: &Engine) -> Result<SelfTestReport, ModelErr
     for chunk in set.items.chunks(16) {
         let tensors = chunk
             .iter()
-            .map(|item| pre.prepare_path(&b.golden_image_path(item)))
-            .collect::<Result<Vec<_>, PreprocessError>>()
-            .map_err(|e| fail(format!("golden image: {e}")))?;
+            .map(|item| {
+                let bytes = b.read_golden_image(item).map_err(|e| fail(format!("golden image: {e}")))?;
+                pre.prepare(&bytes).map_err(|e| fail(format!("golden image {}: {e}", item.file)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let out = engine.infer_blocking(pre.batch(&tensors)).map_err(|e| fail(e.to_string()))?;
         for (item, probs) in chunk.iter().zip(out.probabilities(m)) {
             for (head, p) in m.heads.iter().zip(&probs) {

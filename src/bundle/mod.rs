@@ -253,6 +253,27 @@ impl Bundle {
     pub fn golden_image_path(&self, item: &GoldenItem) -> PathBuf {
         self.dir.join(&item.file)
     }
+
+    /// The ONNX file's bytes, checked against the manifest's hash as they are read. Sessions are built from these
+    /// bytes, not from the path: a file changed after [`Bundle::open`] verified it is refused, never loaded.
+    pub fn read_onnx(&self) -> Result<Vec<u8>, BundleError> {
+        let file = &self.manifest.onnx.file;
+        read_verified(&self.dir.join(file), file, &self.manifest.onnx.sha256)
+    }
+
+    /// A golden image's bytes, checked against its hash as they are read (see [`Bundle::read_onnx`]).
+    pub fn read_golden_image(&self, item: &GoldenItem) -> Result<Vec<u8>, BundleError> {
+        read_verified(&self.golden_image_path(item), &item.file, &item.sha256)
+    }
+}
+
+fn read_verified(path: &Path, file: &str, expected: &str) -> Result<Vec<u8>, BundleError> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let actual = sha256_bytes(&bytes);
+    if actual != expected {
+        return Err(BundleError::HashMismatch { file: file.to_string(), expected: expected.to_string(), actual });
+    }
+    Ok(bytes)
 }
 
 enum ParseError {

@@ -400,8 +400,10 @@ impl Engine {
         // CPU is built into every ONNX Runtime; if even it failed to register, the session still runs on ORT's
         // default CPU kernels, so report CPU rather than failing.
         let active = active.unwrap_or(Provider::Cpu);
+        let bytes =
+            bundle.read_onnx().map_err(|e| EngineError::Session { path: onnx.clone(), reason: e.to_string() })?;
         let session = builder
-            .commit_from_file(&onnx)
+            .commit_from_memory(&bytes)
             .map_err(|e| EngineError::Session { path: onnx.clone(), reason: e.to_string() })?;
         let input_shape = check_io(&session, &manifest)?;
         if active == Provider::Cpu && !cfg.allow_saturating_int8 && cpu_saturates_int8() {

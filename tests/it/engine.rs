@@ -168,3 +168,25 @@ fn intra_op_spinning_off_gives_the_same_results() {
         assert!(diff < 1e-4, "max |Δlogit| {diff}");
     }
 }
+
+/// What a session runs is what was verified: a model file changed after the bundle was opened (and its hashes
+/// checked) is refused when the session is built, and so is a changed golden image when it is read.
+#[test]
+fn files_changed_after_verification_are_refused_not_loaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("b");
+    crate::common::copy_dir(&imagenet_bundle(), &dir);
+    let b = Bundle::open(&dir).unwrap();
+    let item = b.golden().unwrap().unwrap().items[0].clone();
+    let mut onnx = std::fs::OpenOptions::new().append(true).open(b.onnx_path()).unwrap();
+    std::io::Write::write_all(&mut onnx, b"swapped").unwrap();
+    drop(onnx);
+    match Engine::load(&b, &EngineConfig::default()) {
+        Err(EngineError::Session { reason, .. }) => assert!(reason.contains("model.onnx"), "{reason}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a model changed after verification was loaded"),
+    }
+    std::fs::write(b.golden_image_path(&item), b"not the golden image").unwrap();
+    let e = b.read_golden_image(&item).unwrap_err();
+    assert!(matches!(e, bundle::BundleError::HashMismatch { .. }), "{e}");
+}
