@@ -123,14 +123,19 @@ struct InferArgs {
     images: Vec<PathBuf>,
 }
 
-/// Where the node keeps its models and whom it trusts.
+/// Where the node keeps its models, whom it trusts, and how it runs them.
 #[derive(clap::Args, Clone)]
 struct StoreArgs {
+    /// The daemon's configuration file: the models directory, trusted keys and engine settings (ONNX Runtime library,
+    /// providers, device, INT8 and TensorRT options) come from it, so a self-test here runs as the service's will.
+    /// Without it, the flags below apply.
+    #[arg(long, conflicts_with_all = ["models_dir", "trusted_keys", "providers"])]
+    config: Option<PathBuf>,
     /// The node's models directory.
     #[arg(long, env = "ATTRD_MODELS_DIR", default_value = "/var/lib/attrd/models")]
     models_dir: PathBuf,
     /// Public keys (PEM) trusted to sign bundles.
-    #[arg(long = "trusted-key", required = true)]
+    #[arg(long = "trusted-key", required_unless_present = "config")]
     trusted_keys: Vec<PathBuf>,
     /// Execution providers to self-test on, in order.
     #[arg(long, value_delimiter = ',', default_value = "cuda,tensorrt,cpu")]
@@ -138,14 +143,24 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn open(&self) -> Result<ModelStore> {
-        let keys = TrustedKeys::from_files(&self.trusted_keys).context("loading trusted keys")?;
-        ModelStore::open(&self.models_dir, keys, false)
-            .with_context(|| format!("opening models directory {}", self.models_dir.display()))
-    }
-
-    fn engine(&self) -> EngineConfig {
-        EngineConfig { providers: self.providers.clone(), ..EngineConfig::default() }
+    /// The store and the engine settings activations self-test with.
+    fn open(&self) -> Result<(ModelStore, EngineConfig)> {
+        let (dir, keys, engine) = match &self.config {
+            Some(path) => {
+                let cfg = attrd::config::Config::load(path).with_context(|| format!("loading {}", path.display()))?;
+                // As the daemon activates: the slow providers it builds in the background are not waited for.
+                (cfg.models.dir.clone(), cfg.models.trusted_keys.clone(), cfg.engine.foreground())
+            }
+            None => (
+                self.models_dir.clone(),
+                self.trusted_keys.clone(),
+                EngineConfig { providers: self.providers.clone(), ..EngineConfig::default() },
+            ),
+        };
+        let keys = TrustedKeys::from_files(&keys).context("loading trusted keys")?;
+        let store = ModelStore::open(&dir, keys, false)
+            .with_context(|| format!("opening models directory {}", dir.display()))?;
+        Ok((store, engine))
     }
 }
 
@@ -322,18 +337,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Install { source, store, activate }) => {
-            let s = store.open()?;
+            let (s, engine) = store.open()?;
             let b = s.install(&source).with_context(|| format!("installing {}", source.display()))?;
             println!("installed {} in {}", b.label(), b.dir().display());
             if activate {
                 let id = b.dir().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let (_, report) = s.activate(&id, &store.engine())?;
+                let (_, report) = s.activate(&id, &engine)?;
                 print_activation(&b.label(), &report);
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::List { store }) => {
-            for i in store.open()?.list()? {
+            for i in store.open()?.0.list()? {
                 println!(
                     "{} {:<32} {:<5} signed by {}",
                     if i.active { "*" } else { " " },
@@ -345,12 +360,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Activate { id, store }) => {
-            let (_, report) = store.open()?.activate(&id, &store.engine())?;
+            let (s, engine) = store.open()?;
+            let (_, report) = s.activate(&id, &engine)?;
             print_activation(&id, &report);
             Ok(ExitCode::SUCCESS)
         }
         Command::Model(ModelCommand::Rollback { store }) => {
-            let (id, _, report) = store.open()?.rollback(&store.engine())?;
+            let (s, engine) = store.open()?;
+            let (id, _, report) = s.rollback(&engine)?;
             print_activation(&id, &report);
             Ok(ExitCode::SUCCESS)
         }

@@ -1,6 +1,6 @@
 //! The `attrd` binary as a user runs it.
 
-use crate::common::{fashion_rows, imagenet_bundle};
+use crate::common::{fashion_rows, imagenet_bundle, repo};
 use std::process::Command;
 
 fn attrd() -> Command {
@@ -194,4 +194,39 @@ fn model_test_self_tests_a_bundle_on_this_machine() {
     assert!(text.contains("probabilities differ by"), "{text}");
     let (ok, text) = run(None, &skewed, &key);
     assert!(!ok && text.contains("not trusted"), "{text}");
+}
+
+/// `attrd model … --config` takes the models directory, keys and engine settings from the daemon's configuration, so
+/// an activation from the command line self-tests as the service would (here: its ONNX Runtime library).
+#[test]
+fn model_commands_can_take_the_daemons_configuration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = repo().join("config/keys/attrd-demo.pub");
+    let write = |name: &str, engine: &str| {
+        let path = tmp.path().join(name);
+        let text = format!("[engine]\n{engine}\n[models]\ndir = \"models\"\ntrusted_keys = [\"{}\"]\n", key.display());
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let broken = write("broken.toml", "ort_library = \"/nonexistent/libonnxruntime.so\"");
+    let out = attrd()
+        .args(["model", "install", "--activate", "--config"])
+        .arg(&broken)
+        .arg(imagenet_bundle())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("/nonexistent/libonnxruntime.so"), "{err}");
+    // Installed into the configured directory (relative to the file), but not activated.
+    assert!(tmp.path().join("models/imagenet-lite0-1.0.0/manifest.json").is_file());
+
+    let good = write("good.toml", "providers = [\"cpu\"]");
+    let out = attrd().args(["model", "activate", "imagenet-lite0-1.0.0", "--config"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = attrd().args(["model", "list", "--config"]).arg(&good).output().unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.lines().any(|l| l.starts_with('*') && l.contains("imagenet-lite0-1.0.0")), "{list}");
+    // Flags that the configuration already gives are refused with it, not silently ignored.
+    let out = attrd().args(["model", "list", "--config"]).arg(&good).arg("--models-dir").arg("/tmp").output().unwrap();
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
