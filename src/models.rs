@@ -117,6 +117,10 @@ impl ModelStore {
     }
 
     fn verify(&self, b: &Bundle) -> Result<Option<String>, ModelError> {
+        Ok(self.check_signature(b)?)
+    }
+
+    fn check_signature(&self, b: &Bundle) -> Result<Option<String>, BundleError> {
         match b.verify(&self.trusted) {
             Ok(SignatureStatus::Verified { key_id }) => Ok(Some(key_id)),
             Ok(SignatureStatus::NotChecked) => Ok(None),
@@ -124,7 +128,7 @@ impl ModelStore {
                 tracing::warn!(bundle = %b.label(), "accepting an unsigned bundle (allow_unsigned is set)");
                 Ok(None)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
     }
 
@@ -142,7 +146,7 @@ impl ModelStore {
             let tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io_err(&self.dir))?;
             bundle::pack_tar(&b, tmp.path())?;
             let f = std::fs::File::open(tmp.path()).map_err(io_err(tmp.path()))?;
-            let installed = bundle::unpack_tar(f, &self.dir)?;
+            let installed = bundle::unpack_tar_checked(f, &self.dir, |b| self.check_signature(b).map(drop))?;
             tracing::info!(bundle = %installed.label(), "bundle installed");
             Ok(installed)
         } else {
@@ -153,19 +157,18 @@ impl ModelStore {
 
     /// Installs a bundle archive from any reader (file, HTTP body, MQTT payload).
     pub fn install_tar(&self, archive: impl std::io::Read) -> Result<Bundle, ModelError> {
-        let b = bundle::unpack_tar(archive, &self.dir).map_err(|e| match e {
-            BundleError::Io { path, source } if source.kind() == std::io::ErrorKind::AlreadyExists => {
-                // The path is the store directory the archive's bundle would have gone to.
-                let id = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                ModelError::AlreadyInstalled { label: id.clone(), id }
-            }
-            other => other.into(),
-        })?;
-        if let Err(e) = self.verify(&b) {
-            // An untrusted bundle must not stay where `activate` could find it.
-            let _ = std::fs::remove_dir_all(b.dir());
-            return Err(e);
-        }
+        // Checked in staging: an untrusted bundle never sits where `activate` or `contains` could find it.
+        let b =
+            bundle::unpack_tar_checked(archive, &self.dir, |b| self.check_signature(b).map(drop)).map_err(
+                |e| match e {
+                    BundleError::Io { path, source } if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                        // The path is the store directory the archive's bundle would have gone to.
+                        let id = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                        ModelError::AlreadyInstalled { label: id.clone(), id }
+                    }
+                    other => other.into(),
+                },
+            )?;
         tracing::info!(bundle = %b.label(), "bundle installed");
         Ok(b)
     }
@@ -346,7 +349,8 @@ pub fn self_test(b: &Bundle, engine: &Engine) -> Result<SelfTestReport, ModelErr
     };
     // The packaged CPU outputs bind only the CPU provider: GPU providers run integer kernels of their own. And only
     // on x86, where they are packaged (`trainer package`) and where ORT's integer kernels were measured to agree
-    // across CPUs; ARM's kernels are another family, so there only the fp32 references apply.
+    // across CPUs. ARM's kernels are another family: they agree among ARM cores but differ from x86 by up to 0.08
+    // (scripts/check-int8-arm), so there only the fp32 references apply.
     let cpu_check =
         set.cpu_tolerance.filter(|_| engine.providers().active == Provider::Cpu && cfg!(target_arch = "x86_64"));
     let mut max_diff = 0f32;

@@ -62,6 +62,16 @@ fn collect_files(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), 
 /// Unpacks a bundle archive into `models_dir/<name>-<version>/` and returns the opened bundle. Nothing is left behind
 /// on failure, and an existing bundle of the same name and version is never overwritten.
 pub fn unpack_tar(archive: impl Read, models_dir: &Path) -> Result<Bundle, BundleError> {
+    unpack_tar_checked(archive, models_dir, |_| Ok(()))
+}
+
+/// [`unpack_tar`], with `accept` (a signature check, say) run on the bundle while it is still in the staging
+/// directory: a bundle it refuses never appears under its final name, not even for a moment a crash could freeze.
+pub fn unpack_tar_checked(
+    archive: impl Read,
+    models_dir: &Path,
+    accept: impl FnOnce(&Bundle) -> Result<(), BundleError>,
+) -> Result<Bundle, BundleError> {
     std::fs::create_dir_all(models_dir).map_err(io_err(models_dir))?;
     let staging = tempfile::Builder::new().prefix(".unpack-").tempdir_in(models_dir).map_err(io_err(models_dir))?;
     let mut ar = tar::Archive::new(archive);
@@ -113,6 +123,7 @@ pub fn unpack_tar(archive: impl Read, models_dir: &Path) -> Result<Bundle, Bundl
     let root = find_root(staging.path())?;
     check_contents(&root)?;
     let bundle = Bundle::open(&root)?;
+    accept(&bundle)?;
     let final_dir = models_dir.join(format!("{}-{}", bundle.manifest().name, bundle.manifest().version));
     if final_dir.exists() {
         return Err(BundleError::Io {

@@ -316,6 +316,8 @@ struct Job {
     reply: tokio::sync::oneshot::Sender<Result<BatchOutput, EngineError>>,
 }
 
+type Reply = tokio::sync::oneshot::Receiver<Result<BatchOutput, EngineError>>;
+
 /// A loaded model, ready to run batches. Cheap to clone; all clones feed the same session thread.
 #[derive(Clone)]
 pub struct Engine {
@@ -455,28 +457,39 @@ impl Engine {
         self.input_shape
     }
 
-    fn submit(
-        &self,
-        batch: Array4<f32>,
-    ) -> Result<tokio::sync::oneshot::Receiver<Result<BatchOutput, EngineError>>, EngineError> {
+    fn job(&self, batch: Array4<f32>) -> Result<(Job, Reply), EngineError> {
         let shape = batch.shape();
         if shape[1..] != self.input_shape[..] || shape[0] == 0 {
             return Err(EngineError::BadBatch { got: shape.to_vec(), expected: self.input_shape.to_vec() });
         }
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(Job { batch, reply }).map_err(|_| EngineError::Stopped)?;
-        Ok(rx)
+        Ok((Job { batch, reply }, rx))
     }
 
     /// Runs one batch, blocking the calling thread (not for use on an async runtime thread).
     pub fn infer_blocking(&self, batch: Array4<f32>) -> Result<BatchOutput, EngineError> {
-        self.submit(batch)?.blocking_recv().map_err(|_| EngineError::Stopped)?
+        let (job, rx) = self.job(batch)?;
+        self.tx.send(job).map_err(|_| EngineError::Stopped)?;
+        rx.blocking_recv().map_err(|_| EngineError::Stopped)?
     }
 
     /// Runs one batch without blocking the async runtime.
     pub async fn infer(&self, batch: Array4<f32>) -> Result<BatchOutput, EngineError> {
-        // Submitting may wait for queue space; that wait is short and bounded by the channel capacity.
-        self.submit(batch)?.await.map_err(|_| EngineError::Stopped)?
+        let (job, rx) = self.job(batch)?;
+        match self.tx.try_send(job) {
+            Ok(()) => {}
+            // A full queue waits for the inference thread, which can take a few batches' time: off the async
+            // workers, which have other work.
+            Err(mpsc::TrySendError::Full(job)) => {
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || tx.send(job))
+                    .await
+                    .map_err(|_| EngineError::Stopped)?
+                    .map_err(|_| EngineError::Stopped)?;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(EngineError::Stopped),
+        }
+        rx.await.map_err(|_| EngineError::Stopped)?
     }
 }
 

@@ -144,6 +144,15 @@ fn tar_round_trip_and_hostile_archives() {
     let tar_path = tmp.path().join("b.tar");
     bundle::pack_tar(&b, &tar_path).unwrap();
     let models = tmp.path().join("models");
+    // A bundle the check refuses (here: signed by nobody trusted) is never seen under its final name, and no
+    // staging directory is left.
+    let untrusted = TrustedKeys::new([key(4).verifying_key()]);
+    let refused = bundle::unpack_tar_checked(std::fs::File::open(&tar_path).unwrap(), &models, |b| {
+        b.verify(&untrusted).map(drop)
+    })
+    .unwrap_err();
+    assert!(matches!(refused, bundle::BundleError::UntrustedKey { .. }), "{refused:?}");
+    assert_eq!(std::fs::read_dir(&models).unwrap().count(), 0);
     let unpacked = bundle::unpack_tar(std::fs::File::open(&tar_path).unwrap(), &models).unwrap();
     assert_eq!(unpacked.manifest(), b.manifest());
     assert_eq!(unpacked.dir(), models.join("imagenet-lite0-1.0.0"));
