@@ -372,6 +372,11 @@ impl Metrics {
     }
 
     /// Counts one error.
+    /// Counts `n` errors of `kind` at once.
+    pub fn errors(&self, kind: ErrorKind, n: u64) {
+        self.inner.errors.get_or_create(&ErrorLabels { kind }).inc_by(n);
+    }
+
     pub fn error(&self, kind: ErrorKind) {
         self.inner.errors.get_or_create(&ErrorLabels { kind }).inc();
     }

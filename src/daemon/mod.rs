@@ -11,7 +11,7 @@ use attrd::bundle::{Bundle, TrustedKeys};
 use attrd::config::Config;
 use attrd::engine::Engine;
 use attrd::http::{self, CaptureAccepted, CaptureRefusal, CaptureRequest, EngineSource, HttpState};
-use attrd::metrics::{Alarm, Metrics};
+use attrd::metrics::{Alarm, ErrorKind, Metrics};
 use attrd::models::{self, ModelError, ModelStore};
 use attrd::mqtt::{IncomingCommand, Publisher, PublisherHandle, Topics};
 use attrd::outbox::{NewMessage, Outbox};
@@ -588,6 +588,8 @@ async fn publish_status(
 ) {
     let mut tick = tokio::time::interval(STATUS_EVERY);
     let mut last = None;
+    // `attrd_errors_total{kind="mqtt"}` follows the publisher's count of failed connections and lost ones.
+    let mut counted_errors = 0u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -601,7 +603,12 @@ async fn publish_status(
                 }
             }
         }
-        let connection = conn.borrow_and_update().connection;
+        let (connection, errors) = {
+            let s = conn.borrow_and_update();
+            (s.connection, s.connection_errors)
+        };
+        metrics.errors(ErrorKind::Mqtt, errors.saturating_sub(counted_errors));
+        counted_errors = counted_errors.max(errors);
         last = Some(connection);
         let connected = matches!(connection, attrd::mqtt::Connection::Connected);
         metrics.set_mqtt_connected(connected);

@@ -599,8 +599,28 @@ async fn broker_restarts_mid_stream_lose_nothing() {
     }
     assert!(node.files_in("failed").is_empty());
     assert!(child.try_wait().unwrap().is_none(), "attrd died:\n{}", node.log());
+    // The lost connections are counted where an operator looks (updated with the status, at most 10 s late).
+    let mut mqtt_errors = 0.0;
+    for _ in 0..300 {
+        mqtt_errors = metric_value(node.http_port, "attrd_errors_total{kind=\"mqtt\"}");
+        if mqtt_errors >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(mqtt_errors >= 2.0, "{mqtt_errors} MQTT errors counted over two broker outages");
     child.kill().unwrap();
     let _ = child.wait();
+}
+
+/// One series' value from the daemon's `/metrics` (0 when absent).
+fn metric_value(port: u16, series: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return 0.0 };
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
 }
 
 /// A capture command over MQTT fires a camera (a replay camera: recorded frames behind the same trait as V4L2) and
@@ -699,15 +719,7 @@ async fn a_start_whose_active_model_cannot_serve_falls_back_to_the_previous_one_
     wait_ready_within(&node, &mut child, 60).await;
     let log = node.log();
     assert!(log.contains("ALARM imagenet-lite0-1.0.0 cannot serve"), "{log}");
-    let metrics = {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", node.http_port)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
-    };
-    assert!(metrics.contains("attrd_alarm{alarm=\"model_fallback\"} 1"), "{metrics}");
+    assert_eq!(metric_value(node.http_port, "attrd_alarm{alarm=\"model_fallback\"}"), 1.0);
     let state: attrd::models::State =
         serde_json::from_slice(&std::fs::read(models.join("state.json")).unwrap()).unwrap();
     assert_eq!(state.active.as_deref(), Some("fashion-attributes-1.0.0"));
