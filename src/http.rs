@@ -526,13 +526,7 @@ async fn infer_inner(
     if let Some(sku) = &query.sku {
         validate_sku(sku).map_err(ApiError::bad_request)?;
     }
-    // Refuse before reading a possibly large body.
-    let engine = state.ready_engine().ok_or_else(|| ApiError::not_ready(state))?;
-    // Holding a slot before buffering bounds the memory taken by concurrent uploads.
-    let _slot =
-        state.infer_slots.acquire().await.map_err(|_| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the HTTP API is shutting down")
-        })?;
+    let (engine, _slot) = upload_slot(state).await?;
     state.metrics.observe_stage(Stage::Queue, received.elapsed());
     let body = read_upload(state, req).await?;
     state.metrics.image("http");
@@ -570,6 +564,17 @@ async fn infer_inner(
         latency_ms: latency.as_secs_f64() * 1000.0,
         attributes,
     }))
+}
+
+/// The serving engine and one of the `http.max_concurrent_infer` slots, taken before an upload is read: refusing
+/// comes before reading a possibly large body, and holding a slot while buffering bounds the memory uploads take.
+async fn upload_slot(state: &HttpState) -> Result<(Arc<Engine>, tokio::sync::SemaphorePermit<'_>), ApiError> {
+    let engine = state.ready_engine().ok_or_else(|| ApiError::not_ready(state))?;
+    let slot =
+        state.infer_slots.acquire().await.map_err(|_| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the HTTP API is shutting down")
+        })?;
+    Ok((engine, slot))
 }
 
 /// The request body, within `http.max_body_bytes` and `http.upload_timeout`.
@@ -622,21 +627,14 @@ async fn photos(
         ));
     };
     let stopping = || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "retry_later", "attrd is stopping; send it again");
-    if state.ready_engine().is_none() {
-        return Err(ApiError::not_ready(&state));
-    }
-    // As for /v1/infer, the slot bounds the memory held by uploads, here until the result is stored.
-    let _slot =
-        state.infer_slots.acquire().await.map_err(|_| {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the HTTP API is shutting down")
-        })?;
+    // Held until the result is stored.
+    let (_, _slot) = upload_slot(&state).await?;
     let body = read_upload(&state, req).await?;
     let image_sha256 = sha256_bytes(&body);
     let (shot, outcome) =
         Shot::new(sku.clone(), body.to_vec(), OffsetDateTime::now_utc(), Origin::Http { client: None });
-    let pipeline = weak.upgrade().ok_or_else(stopping)?;
-    pipeline.send(shot).await.map_err(|_| stopping())?;
-    drop(pipeline);
+    // The strong sender lives for this statement only, so it never holds a drain up.
+    weak.upgrade().ok_or_else(stopping)?.send(shot).await.map_err(|_| stopping())?;
     match outcome.await.map_err(|_| stopping())? {
         ShotOutcome::Durable => {
             tracing::info!(%sku, %image_sha256, "photo uploaded; result stored");

@@ -378,7 +378,7 @@ impl Metrics {
     }
 
     pub fn error(&self, kind: ErrorKind) {
-        self.inner.errors.get_or_create(&ErrorLabels { kind }).inc();
+        self.errors(kind, 1);
     }
 
     /// Sets the outbox gauges.

@@ -116,11 +116,8 @@ impl ModelStore {
         !id.contains(['/', '\\']) && id != ".." && Bundle::open(self.dir.join(id)).is_ok()
     }
 
-    fn verify(&self, b: &Bundle) -> Result<Option<String>, ModelError> {
-        Ok(self.check_signature(b)?)
-    }
-
-    fn check_signature(&self, b: &Bundle) -> Result<Option<String>, BundleError> {
+    /// The signing key's id, or `None` for an unsigned bundle the store accepts (`allow_unsigned`).
+    fn verify(&self, b: &Bundle) -> Result<Option<String>, BundleError> {
         match b.verify(&self.trusted) {
             Ok(SignatureStatus::Verified { key_id }) => Ok(Some(key_id)),
             Ok(SignatureStatus::NotChecked) => Ok(None),
@@ -146,7 +143,7 @@ impl ModelStore {
             let tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io_err(&self.dir))?;
             bundle::pack_tar(&b, tmp.path())?;
             let f = std::fs::File::open(tmp.path()).map_err(io_err(tmp.path()))?;
-            let installed = bundle::unpack_tar_checked(f, &self.dir, |b| self.check_signature(b).map(drop))?;
+            let installed = bundle::unpack_tar_checked(f, &self.dir, |b| self.verify(b).map(drop))?;
             tracing::info!(bundle = %installed.label(), "bundle installed");
             Ok(installed)
         } else {
@@ -158,17 +155,14 @@ impl ModelStore {
     /// Installs a bundle archive from any reader (file, HTTP body, MQTT payload).
     pub fn install_tar(&self, archive: impl std::io::Read) -> Result<Bundle, ModelError> {
         // Checked in staging: an untrusted bundle never sits where `activate` or `contains` could find it.
-        let b =
-            bundle::unpack_tar_checked(archive, &self.dir, |b| self.check_signature(b).map(drop)).map_err(
-                |e| match e {
-                    BundleError::Io { path, source } if source.kind() == std::io::ErrorKind::AlreadyExists => {
-                        // The path is the store directory the archive's bundle would have gone to.
-                        let id = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                        ModelError::AlreadyInstalled { label: id.clone(), id }
-                    }
-                    other => other.into(),
-                },
-            )?;
+        let b = bundle::unpack_tar_checked(archive, &self.dir, |b| self.verify(b).map(drop)).map_err(|e| match e {
+            BundleError::Io { path, source } if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                // The path is the store directory the archive's bundle would have gone to.
+                let id = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                ModelError::AlreadyInstalled { label: id.clone(), id }
+            }
+            other => other.into(),
+        })?;
         tracing::info!(bundle = %b.label(), "bundle installed");
         Ok(b)
     }
@@ -247,6 +241,11 @@ impl ModelStore {
     /// Loads the bundle on the configured providers, runs its self-test there, and only then records it as active.
     /// Returns the ready engine so a running daemon can swap it in.
     pub fn activate(&self, id: &str, cfg: &EngineConfig) -> Result<(Engine, SelfTestReport), ModelError> {
+        self.activate_opened(id, cfg).map(|(_, engine, report)| (engine, report))
+    }
+
+    /// [`ModelStore::activate`], also handing back the bundle it opened (and so verified).
+    fn activate_opened(&self, id: &str, cfg: &EngineConfig) -> Result<(Bundle, Engine, SelfTestReport), ModelError> {
         let b = self.get(id)?;
         let (engine, report) = load_and_test(&b, cfg)?;
         let mut state = self.state()?;
@@ -261,7 +260,7 @@ impl ModelStore {
             self.write_state(&state)?;
         }
         tracing::info!(bundle = %b.label(), provider = %report.provider, "bundle activated");
-        Ok((engine, report))
+        Ok((b, engine, report))
     }
 
     /// Re-activates the most recent previous bundle that is still installed.
@@ -277,14 +276,14 @@ impl ModelStore {
     /// Activates the most recent previous bundle that is installed and passes its self-test, trying each in turn:
     /// for a box whose active bundle cannot serve any more (a new attrd or ONNX Runtime fails its golden set, a
     /// damaged file). The failing bundle goes to the end of the history. Returns the last failure when none passes.
-    pub fn fall_back(&self, cfg: &EngineConfig) -> Result<(String, Engine, SelfTestReport), ModelError> {
+    pub fn fall_back(&self, cfg: &EngineConfig) -> Result<(Bundle, Engine, SelfTestReport), ModelError> {
         let state = self.state()?;
         let mut last = ModelError::NoPrevious;
         for target in state.previous.iter().filter(|p| self.dir.join(p).is_dir()) {
-            match self.activate(target, cfg) {
-                Ok((engine, report)) => {
+            match self.activate_opened(target, cfg) {
+                Ok(activated) => {
                     self.demote(state.active)?;
-                    return Ok((target.clone(), engine, report));
+                    return Ok(activated);
                 }
                 Err(e) => {
                     tracing::error!(bundle = %target, error = %crate::util::error_chain(&e), "previous bundle cannot serve either");

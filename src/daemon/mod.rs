@@ -319,10 +319,11 @@ async fn start_model(
     notifier.status(&format!("{failed} cannot serve; trying the previous models"));
     let (s, engine_cfg) = (store.clone(), cfg.engine.foreground());
     match tokio::task::spawn_blocking(move || s.fall_back(&engine_cfg)).await.context("fallback thread")? {
-        Ok((id, engine, report)) => {
+        Ok((b, engine, report)) => {
+            let id = dir_name(b.dir());
             let reason = format!("{failed} cannot serve ({failure:#}); the previous model {id} serves instead");
             tracing::error!(alarm = Alarm::ModelFallback.as_str(), "ALARM {reason}");
-            Ok((store.get(&id)?, engine, report, Some(reason)))
+            Ok((b, engine, report, Some(reason)))
         }
         Err(ModelError::NoPrevious) => Err(failure),
         Err(e) => Err(failure.context(format!("no previous model can serve either (the last: {})", error_chain(&e)))),
@@ -421,12 +422,10 @@ async fn outbox_writer(
 /// Counts results the full outbox deleted to store a new one (policy `drop_oldest`), and keeps `outbox_full` raised
 /// for as long as it does: results are being lost, which the operator must hear about.
 fn outbox_dropping(metrics: &Metrics, dropped: u64) {
-    use attrd::metrics::{Alarm, ErrorKind};
     metrics.results_dropped(dropped);
     metrics.error(ErrorKind::OutboxFull);
-    if let Some(r) = metrics.clear(Alarm::OutboxUnwritable) {
-        tracing::info!(alarm = Alarm::OutboxUnwritable.as_str(), since = %r.since, "alarm cleared: the outbox stores results again");
-    }
+    // It stored this result, so it is writable.
+    clear_outbox_alarm(metrics, Alarm::OutboxUnwritable);
     let reason = "the outbox is full and deletes its oldest unpublished results to store new ones \
                   (outbox.when_full = drop_oldest)";
     if metrics.raise(Alarm::OutboxFull, reason) {
@@ -440,13 +439,10 @@ fn outbox_dropping(metrics: &Metrics, dropped: u64) {
 
 /// Raises the outbox alarms on a failed store (once, at error level) and clears them on the next success.
 fn outbox_alarms(metrics: &Metrics, failure: Option<&attrd::outbox::OutboxError>) {
-    use attrd::metrics::{Alarm, ErrorKind};
     use attrd::outbox::OutboxError;
     let Some(e) = failure else {
         for alarm in [Alarm::OutboxUnwritable, Alarm::OutboxFull] {
-            if let Some(r) = metrics.clear(alarm) {
-                tracing::info!(alarm = alarm.as_str(), since = %r.since, "alarm cleared: the outbox stores results again");
-            }
+            clear_outbox_alarm(metrics, alarm);
         }
         return;
     };
@@ -468,6 +464,12 @@ fn outbox_alarms(metrics: &Metrics, failure: Option<&attrd::outbox::OutboxError>
         tracing::error!(alarm = alarm.as_str(), error = %reason,
             "ALARM results cannot be stored in the outbox; photos stay with their sources and are retried, nothing is \
              lost. Check the state directory's disk space and permissions (or the broker, if the outbox is full).");
+    }
+}
+
+fn clear_outbox_alarm(metrics: &Metrics, alarm: Alarm) {
+    if let Some(r) = metrics.clear(alarm) {
+        tracing::info!(alarm = alarm.as_str(), since = %r.since, "alarm cleared: the outbox stores results again");
     }
 }
 

@@ -225,14 +225,7 @@ struct Stamp {
 
 impl Stamp {
     fn of(meta: &std::fs::Metadata) -> Self {
-        #[cfg(unix)]
-        let id = {
-            use std::os::unix::fs::MetadataExt;
-            Some((meta.dev(), meta.ino()))
-        };
-        #[cfg(not(unix))]
-        let id = None;
-        Stamp { id, len: meta.len(), mtime: meta.modified().ok() }
+        Stamp { id: file_id(meta), len: meta.len(), mtime: meta.modified().ok() }
     }
 }
 
@@ -696,8 +689,7 @@ impl Folder {
             };
             match read_file(&path, self.src.cfg.max_file_bytes) {
                 Ok(ReadOutcome::Whole { bytes, stamp }) => {
-                    let mtime = stamp.mtime;
-                    let captured_at = mtime.map(OffsetDateTime::from).unwrap_or_else(OffsetDateTime::now_utc);
+                    let captured_at = stamp.mtime.map(OffsetDateTime::from).unwrap_or_else(OffsetDateTime::now_utc);
                     let (shot, rx) = Shot::new(
                         sku.clone(),
                         bytes,
@@ -768,16 +760,20 @@ fn read_file(path: &Path, limit: u64) -> io::Result<ReadOutcome> {
     Ok(ReadOutcome::Whole { bytes, stamp: Stamp::of(&before) })
 }
 
-#[cfg(unix)]
 fn dir_id(dir: &Path) -> io::Result<Option<(u64, u64)>> {
+    std::fs::metadata(dir).map(|m| file_id(&m))
+}
+
+/// Device and inode: what stays the same for one file (or directory) and differs for one put in its place.
+#[cfg(unix)]
+fn file_id(meta: &std::fs::Metadata) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(dir)?;
-    Ok(Some((m.dev(), m.ino())))
+    Some((meta.dev(), meta.ino()))
 }
 
 #[cfg(not(unix))]
-fn dir_id(dir: &Path) -> io::Result<Option<(u64, u64)>> {
-    std::fs::metadata(dir).map(|_| None)
+fn file_id(_meta: &std::fs::Metadata) -> Option<(u64, u64)> {
+    None
 }
 
 /// `<file>.error.txt` next to a file in `failed/`.
