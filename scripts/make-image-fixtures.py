@@ -170,6 +170,10 @@ def main() -> None:
     photo = Image.open(io.BytesIO(photo_jpg)).convert("RGB")
     save(photo, "photo.png", optimize=True)  # Pillow's decoding of photo.jpg: ground truth for the other variants
     save(photo, "progressive.jpg", quality=92, progressive=True)
+    # Restart markers (the 1/8-scale decoder restarts its bit stream and DC prediction at each): every MCU, so the
+    # marker numbers wrap past RST7, in 4:2:0; and every MCU row in 4:4:4.
+    save(photo, "restart-mcu.jpg", quality=90, restart_marker_blocks=1)
+    save(photo, "restart-rows-444.jpg", quality=90, subsampling=0, restart_marker_rows=1)
     save(photo, "photo.webp", lossless=True, method=6)
     save(photo, "lossy.webp", quality=85, method=6)
 

@@ -13,8 +13,13 @@ use crate::preprocess::{InputSpec, Limits, Preprocessor};
 pub type Target = fn(&[u8]);
 
 /// The fuzz targets by name, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [(&str, Target); 4] =
-    [("preprocess", preprocess), ("manifest", manifest), ("bundle_tar", bundle_tar), ("mqtt_message", mqtt_message)];
+pub const TARGETS: [(&str, Target); 5] = [
+    ("preprocess", preprocess),
+    ("one_eighth", one_eighth),
+    ("manifest", manifest),
+    ("bundle_tar", bundle_tar),
+    ("mqtt_message", mqtt_message),
+];
 
 /// Decode + resize + normalise. The limits are small so the fuzzer explores headers rather than legal huge images.
 pub fn preprocess(data: &[u8]) {
@@ -27,6 +32,21 @@ pub fn preprocess(data: &[u8]) {
         assert_eq!(t.len(), pre.spec().tensor_len(), "tensor length");
         assert!(t.iter().all(|v| v.is_finite()), "non-finite tensor value");
     }
+}
+
+/// Differential: attrd's 1/8-scale JPEG decoder against libjpeg-turbo's. Whatever it accepts, libjpeg-turbo must
+/// decode without a warning, to the same pixels. (The `preprocess` target reaches it too, but only for headers
+/// of 2048 px and more, which the fuzzer seldom writes.) Without the `turbojpeg` feature neither exists.
+pub fn one_eighth(data: &[u8]) {
+    #[cfg(feature = "turbojpeg")]
+    if let Ok(ours) = crate::preprocess::decode_one_eighth(data, 4_000_000) {
+        match crate::preprocess::libjpeg_turbo_one_eighth(data, 4_000_000) {
+            Ok(reference) => assert!(ours == reference, "the 1/8 decoder differs from libjpeg-turbo"),
+            Err(e) => panic!("the 1/8 decoder accepted a file libjpeg-turbo refuses: {e}"),
+        }
+    }
+    #[cfg(not(feature = "turbojpeg"))]
+    let _ = data;
 }
 
 /// Manifest parsing and validation; what is accepted serialises and parses back.

@@ -52,6 +52,9 @@ impl Decoded {
 pub enum Codec {
     /// libjpeg-turbo: ordinary JPEGs (8-bit YCbCr, grey or RGB) it decodes without a warning.
     LibjpegTurbo,
+    /// attrd's own decoder of clean baseline JPEGs at 1/8 scale (`eighth.rs`), used for large photos. It gives
+    /// libjpeg-turbo's 1/8-scale pixels to the bit, faster, by skipping AC terms it does not need.
+    OneEighth,
     /// jpeg-decoder (pure Rust): every other JPEG (CMYK, lossless, 12-bit, damaged), or all of them when built
     /// without the `turbojpeg` feature.
     JpegDecoder,

@@ -10,8 +10,11 @@
 //!    lossless, 12-bit and damaged ones, and any file libjpeg-turbo warns about, through jpeg-decoder, which also
 //!    produces every JPEG error ([`Decoded::codec`] says which one ran). A large JPEG is decoded at 1/2, 1/4 or
 //!    1/8 scale in the DCT domain when the resize step still only downsamples from there (several times faster,
-//!    same output quality; jpeg-decoder stops at 1/4, see `resize::MAX_DCT_REDUCTION`). Grey, CMYK (Adobe),
-//!    16-bit and palette images are converted; alpha is composited over [`InputSpec::fill`].
+//!    same output quality; jpeg-decoder stops at 1/4, see `resize::MAX_DCT_REDUCTION`). At 1/8, clean baseline
+//!    files go first through attrd's own decoder (`eighth.rs`, [`Codec::OneEighth`]), which skips the AC terms
+//!    1/8 does not need and gives libjpeg-turbo's 1/8 pixels to the bit; it declines anything else to
+//!    libjpeg-turbo. Grey, CMYK (Adobe), 16-bit and palette images are converted; alpha is composited over
+//!    [`InputSpec::fill`].
 //! 4. **Orient**: apply the EXIF orientation (all 8 values).
 //! 5. **Resize** per [`ResizeMode`] with fast_image_resize (Pillow-compatible kernels); see [Geometry](#geometry).
 //! 6. **Normalize** `(v/255 - mean) / std`, reorder channels, lay out as NCHW or NHWC.
@@ -29,6 +32,8 @@
 //! `scripts/make-image-fixtures.py` holds the Python twin of this geometry, and the tests compare against it.
 
 mod decode;
+#[cfg(feature = "turbojpeg")]
+mod eighth;
 mod error;
 mod resize;
 mod spec;
@@ -36,6 +41,21 @@ mod spec;
 mod turbo;
 
 pub use decode::{Codec, Decoded};
+
+/// attrd's 1/8-scale JPEG decoder on its own ([`Codec::OneEighth`]; `Err` with the reason when it declines the
+/// file), for the differential fuzz target and the tests. Not part of the API: [`Preprocessor`] picks it itself.
+#[doc(hidden)]
+#[cfg(feature = "turbojpeg")]
+pub fn decode_one_eighth(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, String> {
+    turbo::one_eighth(bytes, max_pixels).map_err(|e| e.to_string())
+}
+
+/// libjpeg-turbo's own 1/8-scale decode (`Err` on any warning): the reference for [`decode_one_eighth`].
+#[doc(hidden)]
+#[cfg(feature = "turbojpeg")]
+pub fn libjpeg_turbo_one_eighth(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, String> {
+    turbo::libjpeg_one_eighth(bytes, max_pixels).map_err(|e| e.to_string())
+}
 pub use error::{BoxError, ImageKind, PreprocessError};
 pub use spec::{
     ChannelOrder, IMAGENET_MEAN, IMAGENET_STD, InputSpec, Interpolation, Layout, Limits, MAX_INPUT_SIDE, ResizeMode,

@@ -8,6 +8,7 @@
 //! Clean files are the workload.
 
 use super::decode::{Codec, Decoded, exif_orientation, jpeg_segments, oriented};
+use super::eighth::{self, Colour};
 use super::resize;
 use super::spec::{InputSpec, Limits};
 use image::RgbImage;
@@ -35,8 +36,54 @@ impl std::fmt::Display for Declined {
     }
 }
 
+impl Declined {
+    pub(super) fn new(reason: String) -> Self {
+        Declined(reason)
+    }
+}
+
 fn declined(what: &str, e: impl std::fmt::Display) -> Declined {
     Declined(format!("{what}: {e}"))
+}
+
+/// The 1/8-scale decoder alone (`eighth.rs`), with the colour space from libjpeg-turbo's header as in `decode`:
+/// for the differential fuzz target and the tests, which hold it to libjpeg-turbo's own 1/8 decode.
+pub(super) fn one_eighth(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Declined> {
+    let header =
+        Decompressor::new().and_then(|mut d| d.read_header(bytes)).map_err(|e| declined("reading the header", e))?;
+    if (header.width as u64).saturating_mul(header.height as u64) > max_pixels {
+        return Err(Declined("over the pixel limit".into()));
+    }
+    let colour = match header.colorspace {
+        Colorspace::YCbCr => Colour::YCbCr,
+        Colorspace::Gray => Colour::Grey,
+        other => return Err(Declined(format!("{other:?} colour space"))),
+    };
+    let e = eighth::decode(bytes, colour)?;
+    RgbImage::from_raw(e.width, e.height, e.rgb).ok_or_else(|| Declined("1/8 decoder: buffer size".into()))
+}
+
+/// libjpeg-turbo's own 1/8-scale decode, the reference `one_eighth` is held to (any warning is an `Err`).
+pub(super) fn libjpeg_one_eighth(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Declined> {
+    let mut d = Decompressor::new().map_err(|e| declined("creating a decompressor", e))?;
+    let header = d.read_header(bytes).map_err(|e| declined("reading the header", e))?;
+    if (header.width as u64).saturating_mul(header.height as u64) > max_pixels {
+        return Err(Declined("over the pixel limit".into()));
+    }
+    let factor = ScalingFactor::new(1, 8);
+    d.set_scaling_factor(factor).map_err(|e| declined("setting the DCT scale", e))?;
+    let scaled = header.scaled(factor);
+    let mut pixels = vec![0u8; 3 * scaled.width * scaled.height];
+    let out = Image {
+        pixels: &mut pixels[..],
+        width: scaled.width,
+        pitch: 3 * scaled.width,
+        height: scaled.height,
+        format: PixelFormat::RGB,
+    };
+    d.decompress(bytes, out).map_err(|e| declined("decoding", e))?;
+    RgbImage::from_raw(scaled.width as u32, scaled.height as u32, pixels)
+        .ok_or_else(|| Declined("decoded buffer does not match the image size".into()))
 }
 
 /// Decodes `bytes` (already sniffed as JPEG, within the file-size limit) like `decode_jpeg`, but may use every
@@ -83,6 +130,21 @@ fn decode_with(d: &mut Decompressor, bytes: &[u8], spec: &InputSpec, limits: &Li
         .unwrap_or(1);
     let (upright_width, upright_height) = oriented(width, height, orientation);
     let dct_scale = resize::choose_dct_scale(spec, upright_width, upright_height, 8);
+    let colour = match header.colorspace {
+        Colorspace::YCbCr => Some(Colour::YCbCr),
+        Colorspace::Gray => Some(Colour::Grey),
+        _ => None,
+    };
+    if let (8, Some(colour)) = (dct_scale, colour) {
+        match eighth::decode(bytes, colour) {
+            Ok(e) => {
+                let rgb = RgbImage::from_raw(e.width, e.height, e.rgb)
+                    .ok_or_else(|| Declined("1/8 decoder: buffer does not match the image size".into()))?;
+                return Ok(Decoded::jpeg(rgb, (width, height), dct_scale, orientation, Codec::OneEighth));
+            }
+            Err(reason) => tracing::debug!(%reason, "decoding with libjpeg-turbo at 1/8"),
+        }
+    }
     let factor = ScalingFactor::new(1, usize::from(dct_scale));
     d.set_scaling_factor(factor).map_err(|e| declined("setting the DCT scale", e))?;
     let scaled = header.scaled(factor);

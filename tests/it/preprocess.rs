@@ -549,7 +549,8 @@ fn jpeg_decoder_one_eighth_scale_is_biased() {
 #[test]
 fn libjpeg_turbo_one_eighth_scale_is_unbiased() {
     let d = pp().decode(big_jpeg()).unwrap();
-    assert_eq!((d.codec, d.dct_scale), (Codec::LibjpegTurbo, 8));
+    // attrd's own 1/8 decoder, which gives libjpeg-turbo's pixels (`one_eighth_decoder_matches_libjpeg_turbo…`).
+    assert_eq!((d.codec, d.dct_scale), (Codec::OneEighth, 8));
     let bias = dct_bias(&d.image, big_jpeg_full(), 8);
     eprintln!("libjpeg-turbo 1/8 bias vs full-decode block means, levels: {bias:.3?}");
     assert!(bias.iter().all(|b| b.abs() < 0.3), "libjpeg-turbo's 1/8 decode is biased: {bias:?}");
@@ -776,4 +777,188 @@ fn real_dataset_sample_preprocesses() {
         let t = pp.prepare_path(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(t.iter().all(|v| v.is_finite() && v.abs() < 3.0), "{}", path.display());
     }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// attrd's 1/8-scale JPEG decoder (`Codec::OneEighth`), held to libjpeg-turbo's own 1/8-scale decode
+
+/// libjpeg-turbo's 1/8-scale decode through its TurboJPEG API (an `Err` for any warning, as in the fast path).
+#[cfg(feature = "turbojpeg")]
+fn libjpeg_one_eighth(jpeg: &[u8]) -> Result<RgbImage, turbojpeg::Error> {
+    let mut d = turbojpeg::Decompressor::new()?;
+    let header = d.read_header(jpeg)?;
+    let factor = turbojpeg::ScalingFactor::new(1, 8);
+    d.set_scaling_factor(factor)?;
+    let s = header.scaled(factor);
+    let mut pixels = vec![0u8; 3 * s.width * s.height];
+    let out = turbojpeg::Image {
+        pixels: &mut pixels[..],
+        width: s.width,
+        pitch: 3 * s.width,
+        height: s.height,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    d.decompress(jpeg, out)?;
+    Ok(RgbImage::from_raw(s.width as u32, s.height as u32, pixels).unwrap())
+}
+
+#[cfg(feature = "turbojpeg")]
+fn encode_with_libjpeg(img: &RgbImage, subsamp: turbojpeg::Subsamp, quality: i32) -> Vec<u8> {
+    let mut c = turbojpeg::Compressor::new().unwrap();
+    c.set_quality(quality).unwrap();
+    c.set_subsamp(subsamp).unwrap();
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let image = turbojpeg::Image {
+        pixels: img.as_raw().as_slice(),
+        width,
+        pitch: 3 * width,
+        height,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    c.compress_to_vec(image).unwrap()
+}
+
+/// Every 1/8 decode attrd accepts is libjpeg-turbo's, byte for byte: real catalogue photos as the studio exported
+/// them, the same photos re-encoded in every chroma layout libjpeg writes (4:4:4, 4:2:2, 4:2:0, grey, 4:4:0, 4:1:1,
+/// 4:4:1) at qualities from 5 to 100 (long codes and large coefficients), restart markers, odd sizes, and a 24 MP
+/// photo with sensor noise.
+#[cfg(feature = "turbojpeg")]
+#[test]
+fn one_eighth_decoder_matches_libjpeg_turbo_to_the_bit() {
+    use turbojpeg::Subsamp::*;
+    let mut cases: Vec<(String, Vec<u8>, bool)> = Vec::new(); // (name, file, must be accepted)
+    for name in
+        ["photo.jpg", "gray.jpg", "shoe.jpg", "exif-3.jpg", "exif-6.jpg", "restart-mcu.jpg", "restart-rows-444.jpg"]
+    {
+        cases.push((name.into(), fixture(name), true));
+    }
+    cases.push(("24 MP".into(), big_jpeg().to_vec(), true));
+    let layouts = [None, Sub2x1, Sub2x2, Gray, Sub1x2, Sub4x1, Sub1x4];
+    let qualities = [5, 50, 75, 90, 95, 100];
+    let photos = crate::common::fashion().join("images");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&photos)
+        .unwrap_or_else(|e| panic!("{}: {e}", photos.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    paths.sort();
+    for (i, path) in paths.iter().step_by(paths.len() / 84).enumerate() {
+        let bytes = std::fs::read(path).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let rgb = image::load_from_memory(&bytes).unwrap().into_rgb8();
+        // The dataset's own files may be progressive (declined); everything libjpeg-turbo writes here is baseline.
+        cases.push((name.clone(), bytes, false));
+        let (layout, quality) = (layouts[i % layouts.len()], qualities[i % qualities.len()]);
+        cases.push((format!("{name} {layout:?} q{quality}"), encode_with_libjpeg(&rgb, layout, quality), true));
+    }
+    let mut accepted = 0;
+    for (name, jpeg, must) in &cases {
+        let reference = libjpeg_one_eighth(jpeg).unwrap_or_else(|e| panic!("{name}: libjpeg-turbo: {e}"));
+        match attrd::preprocess::decode_one_eighth(jpeg, u64::MAX) {
+            Ok(ours) => {
+                accepted += 1;
+                assert_eq!(ours.dimensions(), reference.dimensions(), "{name}");
+                if ours != reference {
+                    let (mean, max) = diff(&ours, &reference);
+                    panic!("{name}: differs from libjpeg-turbo's 1/8 decode (mean {mean:.4}, max {max} levels)");
+                }
+            }
+            Err(reason) => assert!(!must, "{name}: declined ({reason})"),
+        }
+    }
+    eprintln!("{accepted} of {} files decoded, all identical to libjpeg-turbo", cases.len());
+    assert!(accepted * 10 >= cases.len() * 9, "only {accepted} of {} accepted", cases.len());
+}
+
+/// The decoder only ever accepts: what it is not sure of goes to libjpeg-turbo. Damaged data (every single-byte
+/// change across a file's entropy-coded data and headers, and cuts) is either declined, or decoded to exactly what
+/// libjpeg-turbo decodes without a warning; never accepted where libjpeg-turbo warns.
+#[cfg(feature = "turbojpeg")]
+#[test]
+fn one_eighth_decoder_declines_what_libjpeg_turbo_would_warn_about() {
+    let ours = |jpeg: &[u8]| attrd::preprocess::decode_one_eighth(jpeg, u64::MAX);
+    // Known declines, each with its reason.
+    let progressive = fixture("progressive.jpg");
+    assert!(ours(&progressive).unwrap_err().contains("progressive"));
+    let restart = fixture("restart-mcu.jpg");
+    let rst: Vec<usize> =
+        (0..restart.len() - 1).filter(|&i| restart[i] == 0xff && (0xd0..=0xd7).contains(&restart[i + 1])).collect();
+    assert!(rst.len() > 8, "the fixture's restart markers wrap past RST7");
+    let mut swapped = restart.clone();
+    swapped[rst[3] + 1] = 0xd5;
+    assert!(ours(&swapped).unwrap_err().contains("restart marker"), "{:?}", ours(&swapped));
+    assert!(libjpeg_one_eighth(&swapped).is_err(), "libjpeg-turbo warns too");
+    let clean = fixture("photo.jpg");
+    let eoi = clean.len() - 2;
+    let mut extra = clean[..eoi].to_vec();
+    extra.extend_from_slice(b"\x12\x34\xff\xd9");
+    // Stricter than libjpeg-turbo, which drops bytes its bit buffer had read ahead at the end of a scan unseen.
+    assert!(ours(&extra).unwrap_err().contains("extraneous bytes"), "{:?}", ours(&extra));
+    // An over-subscribed Huffman table (three 1-bit codes), same segment length: declined, not a panic.
+    let dht = markers(&clean).iter().find(|&&(_, m)| m == 0xc4).unwrap().0;
+    let mut oversubscribed = clean.clone();
+    let counts = dht + 5..dht + 21;
+    let donor = counts.clone().find(|&i| clean[i] >= 3).unwrap();
+    oversubscribed[donor] -= 3;
+    oversubscribed[counts.start] += 3;
+    assert!(ours(&oversubscribed).unwrap_err().contains("bad Huffman table"), "{:?}", ours(&oversubscribed));
+    // Chroma terms so large that libjpeg-turbo's C 2×2 IDCT (64-bit, wrapping range limit) and its SIMD one
+    // (16-bit, saturating) disagree: a fuzzer find, here made with legal but absurd chroma quantisers of 255.
+    // Declined, so the decode is libjpeg-turbo's own.
+    let dqt = markers(&clean).iter().filter(|&&(_, m)| m == 0xdb).nth(1).unwrap().0;
+    let mut absurd = clean.clone();
+    assert_eq!(absurd[dqt + 4] >> 4, 0, "8-bit quantisers");
+    absurd[dqt + 5..dqt + 69].fill(255);
+    assert!(ours(&absurd).unwrap_err().contains("chroma terms"), "{:?}", ours(&absurd));
+    assert!(libjpeg_one_eighth(&absurd).is_ok());
+    for cut in [clean.len() - 2, clean.len() / 2, 700] {
+        assert!(ours(&clean[..cut]).is_err(), "cut at {cut}");
+    }
+    // Differential: every single-byte change, and a bit flip, at a spread of offsets.
+    let (mut declined, mut same) = (0, 0);
+    for jpeg in [&clean, &restart, &fixture("gray.jpg")] {
+        for at in (2..jpeg.len() - 2).step_by(7) {
+            for value in [jpeg[at] ^ 0x10, 0x00, 0xff] {
+                let mut bad = jpeg.to_vec();
+                bad[at] = value;
+                match ours(&bad) {
+                    Err(_) => declined += 1,
+                    Ok(img) => {
+                        let reference = libjpeg_one_eighth(&bad).unwrap_or_else(|e| {
+                            panic!("accepted a file libjpeg-turbo refuses ({e}): byte {at} = {value:#04x}")
+                        });
+                        assert!(img == reference, "byte {at} = {value:#04x}: differs from libjpeg-turbo");
+                        same += 1;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("damaged files: {declined} declined, {same} accepted and identical to libjpeg-turbo");
+    assert!(declined > 0 && same > 0);
+}
+
+/// Through the public API a large photo takes the 1/8 decoder, and gets libjpeg-turbo's pixels.
+#[cfg(feature = "turbojpeg")]
+#[test]
+fn large_photos_take_the_one_eighth_decoder() {
+    let d = pp().decode(big_jpeg()).unwrap();
+    assert_eq!((d.codec, d.dct_scale, d.image.dimensions()), (Codec::OneEighth, 8, (530, 708)));
+    assert!(d.image == libjpeg_one_eighth(big_jpeg()).unwrap());
+    // A progressive one is declined and goes to libjpeg-turbo at the same scale.
+    let rgb = image::load_from_memory(big_jpeg()).unwrap().into_rgb8();
+    let mut progressive = Vec::new();
+    let mut c = turbojpeg::Compressor::new().unwrap();
+    c.set_quality(80).unwrap();
+    c.set_progressive(true).unwrap();
+    let (width, height) = (rgb.width() as usize, rgb.height() as usize);
+    let image = turbojpeg::Image {
+        pixels: rgb.as_raw().as_slice(),
+        width,
+        pitch: 3 * width,
+        height,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    progressive.extend(c.compress_to_vec(image).unwrap());
+    let d = pp().decode(&progressive).unwrap();
+    assert_eq!((d.codec, d.dct_scale), (Codec::LibjpegTurbo, 8));
 }
