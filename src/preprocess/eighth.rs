@@ -25,6 +25,7 @@
 //! here and as RGB there.
 
 use super::turbo::Declined;
+use image::RgbImage;
 
 /// Bits looked up at once: enough for two or three of the short AC symbols that make up most of a photo's data,
 /// in tables L1 holds (8 KiB to decode, 16 KiB to skip).
@@ -66,15 +67,9 @@ pub(super) enum Colour {
     YCbCr,
 }
 
-/// The decoded image at 1/8 scale: `ceil(width / 8)` × `ceil(height / 8)` RGB8 pixels, as stored (not yet upright).
-pub(super) struct Eighth {
-    pub width: u32,
-    pub height: u32,
-    pub rgb: Vec<u8>,
-}
-
-/// Decodes `bytes` at 1/8 scale, or declines.
-pub(super) fn decode(bytes: &[u8], colour: Colour) -> Result<Eighth, Declined> {
+/// Decodes `bytes` at 1/8 scale, or declines: `ceil(width / 8)` × `ceil(height / 8)` RGB8 pixels, as stored (not
+/// yet upright).
+pub(super) fn decode(bytes: &[u8], colour: Colour) -> Result<RgbImage, Declined> {
     let file = parse(bytes)?;
     let frame = &file.frame;
     match (colour, frame.components.len()) {
@@ -82,7 +77,7 @@ pub(super) fn decode(bytes: &[u8], colour: Colour) -> Result<Eighth, Declined> {
         (c, n) => return Err(declined(format!("{c:?} with {n} components"))),
     }
     let planes = decode_scan(bytes, &file)?;
-    Ok(to_rgb(frame, &planes))
+    to_rgb(frame, &planes)
 }
 
 struct Component {
@@ -746,7 +741,7 @@ static YCC: std::sync::LazyLock<YccTables> = std::sync::LazyLock::new(|| {
     t
 });
 
-fn to_rgb(frame: &Frame, planes: &Planes) -> Eighth {
+fn to_rgb(frame: &Frame, planes: &Planes) -> Result<RgbImage, Declined> {
     let (width, height) = (frame.width.div_ceil(8), frame.height.div_ceil(8));
     let mut rgb = vec![0u8; 3 * width * height];
     let clamp = |x: i32| x.clamp(0, 255) as u8;
@@ -779,7 +774,12 @@ fn to_rgb(frame: &Frame, planes: &Planes) -> Eighth {
             }
         }
     }
-    Eighth { width: width as u32, height: height as u32, rgb }
+    let size = (u32::try_from(width), u32::try_from(height));
+    let image = match size {
+        (Ok(w), Ok(h)) => RgbImage::from_raw(w, h, rgb),
+        _ => None,
+    };
+    image.ok_or_else(|| declined("image size out of range"))
 }
 
 #[inline(always)]

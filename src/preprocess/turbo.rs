@@ -54,13 +54,9 @@ pub(super) fn one_eighth(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Decl
     if (header.width as u64).saturating_mul(header.height as u64) > max_pixels {
         return Err(Declined("over the pixel limit".into()));
     }
-    let colour = match header.colorspace {
-        Colorspace::YCbCr => Colour::YCbCr,
-        Colorspace::Gray => Colour::Grey,
-        other => return Err(Declined(format!("{other:?} colour space"))),
-    };
-    let e = eighth::decode(bytes, colour)?;
-    RgbImage::from_raw(e.width, e.height, e.rgb).ok_or_else(|| Declined("1/8 decoder: buffer size".into()))
+    let colour = one_eighth_colour(header.colorspace)
+        .ok_or_else(|| Declined(format!("{:?} colour space", header.colorspace)))?;
+    eighth::decode(bytes, colour)
 }
 
 /// libjpeg-turbo's own 1/8-scale decode, the reference `one_eighth` is held to (any warning is an `Err`).
@@ -70,20 +66,7 @@ pub(super) fn libjpeg_one_eighth(bytes: &[u8], max_pixels: u64) -> Result<RgbIma
     if (header.width as u64).saturating_mul(header.height as u64) > max_pixels {
         return Err(Declined("over the pixel limit".into()));
     }
-    let factor = ScalingFactor::new(1, 8);
-    d.set_scaling_factor(factor).map_err(|e| declined("setting the DCT scale", e))?;
-    let scaled = header.scaled(factor);
-    let mut pixels = vec![0u8; 3 * scaled.width * scaled.height];
-    let out = Image {
-        pixels: &mut pixels[..],
-        width: scaled.width,
-        pitch: 3 * scaled.width,
-        height: scaled.height,
-        format: PixelFormat::RGB,
-    };
-    d.decompress(bytes, out).map_err(|e| declined("decoding", e))?;
-    RgbImage::from_raw(scaled.width as u32, scaled.height as u32, pixels)
-        .ok_or_else(|| Declined("decoded buffer does not match the image size".into()))
+    decompress_scaled(&mut d, bytes, &header, 8)
 }
 
 /// Decodes `bytes` (already sniffed as JPEG, within the file-size limit) like `decode_jpeg`, but may use every
@@ -130,21 +113,23 @@ fn decode_with(d: &mut Decompressor, bytes: &[u8], spec: &InputSpec, limits: &Li
         .unwrap_or(1);
     let (upright_width, upright_height) = oriented(width, height, orientation);
     let dct_scale = resize::choose_dct_scale(spec, upright_width, upright_height, 8);
-    let colour = match header.colorspace {
-        Colorspace::YCbCr => Some(Colour::YCbCr),
-        Colorspace::Gray => Some(Colour::Grey),
-        _ => None,
-    };
-    if let (8, Some(colour)) = (dct_scale, colour) {
+    if let (8, Some(colour)) = (dct_scale, one_eighth_colour(header.colorspace)) {
         match eighth::decode(bytes, colour) {
-            Ok(e) => {
-                let rgb = RgbImage::from_raw(e.width, e.height, e.rgb)
-                    .ok_or_else(|| Declined("1/8 decoder: buffer does not match the image size".into()))?;
-                return Ok(Decoded::jpeg(rgb, (width, height), dct_scale, orientation, Codec::OneEighth));
-            }
+            Ok(rgb) => return Ok(Decoded::jpeg(rgb, (width, height), dct_scale, orientation, Codec::OneEighth)),
             Err(reason) => tracing::debug!(%reason, "decoding with libjpeg-turbo at 1/8"),
         }
     }
+    let rgb = decompress_scaled(d, bytes, &header, dct_scale)?;
+    Ok(Decoded::jpeg(rgb, (width, height), dct_scale, orientation, Codec::LibjpegTurbo))
+}
+
+/// libjpeg-turbo's decode of `bytes` at 1/`dct_scale` to RGB8.
+fn decompress_scaled(
+    d: &mut Decompressor,
+    bytes: &[u8],
+    header: &turbojpeg::DecompressHeader,
+    dct_scale: u8,
+) -> Result<RgbImage, Declined> {
     let factor = ScalingFactor::new(1, usize::from(dct_scale));
     d.set_scaling_factor(factor).map_err(|e| declined("setting the DCT scale", e))?;
     let scaled = header.scaled(factor);
@@ -161,6 +146,14 @@ fn decode_with(d: &mut Decompressor, bytes: &[u8], spec: &InputSpec, limits: &Li
         (Ok(w), Ok(h)) => RgbImage::from_raw(w, h, pixels),
         _ => None,
     };
-    let rgb = rgb.ok_or_else(|| Declined("decoded buffer does not match the image size".into()))?;
-    Ok(Decoded::jpeg(rgb, (width, height), dct_scale, orientation, Codec::LibjpegTurbo))
+    rgb.ok_or_else(|| Declined("decoded buffer does not match the image size".into()))
+}
+
+/// The colour spaces the 1/8 decoder takes, as libjpeg-turbo's header reader judged them.
+fn one_eighth_colour(colorspace: Colorspace) -> Option<Colour> {
+    match colorspace {
+        Colorspace::YCbCr => Some(Colour::YCbCr),
+        Colorspace::Gray => Some(Colour::Grey),
+        _ => None,
+    }
 }
