@@ -56,6 +56,50 @@ static IDCT_RANGE: [u8; 1024] = {
     t
 };
 
+/// The example tables of the JPEG standard (ITU T.81, Annex K.3), which libjpeg puts in Huffman slots 0
+/// (luminance) and 1 (chrominance) that a file leaves empty (`std_huff_tables`): Motion-JPEG camera frames omit
+/// them. Counts per code length 1..=16, then the symbols.
+const STANDARD_TABLES: [[(&[u8; 16], &[u8]); 2]; 2] = [
+    [(&DC_LUMA_COUNTS, &DC_LUMA_VALUES), (&DC_CHROMA_COUNTS, &DC_CHROMA_VALUES)],
+    [(&AC_LUMA_COUNTS, &AC_LUMA_VALUES), (&AC_CHROMA_COUNTS, &AC_CHROMA_VALUES)],
+];
+const DC_LUMA_COUNTS: [u8; 16] = [0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0];
+#[rustfmt::skip]
+const DC_LUMA_VALUES: [u8; 12] = [
+    0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b,
+];
+const DC_CHROMA_COUNTS: [u8; 16] = [0, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0];
+#[rustfmt::skip]
+const DC_CHROMA_VALUES: [u8; 12] = [
+    0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b,
+];
+const AC_LUMA_COUNTS: [u8; 16] = [0, 2, 1, 3, 3, 2, 4, 3, 5, 5, 4, 4, 0, 0, 1, 125];
+#[rustfmt::skip]
+const AC_LUMA_VALUES: [u8; 162] = [
+    0x01, 0x02, 0x03, 0x00, 0x04, 0x11, 0x05, 0x12, 0x21, 0x31, 0x41, 0x06, 0x13, 0x51, 0x61, 0x07, 0x22, 0x71, 0x14,
+    0x32, 0x81, 0x91, 0xa1, 0x08, 0x23, 0x42, 0xb1, 0xc1, 0x15, 0x52, 0xd1, 0xf0, 0x24, 0x33, 0x62, 0x72, 0x82, 0x09,
+    0x0a, 0x16, 0x17, 0x18, 0x19, 0x1a, 0x25, 0x26, 0x27, 0x28, 0x29, 0x2a, 0x34, 0x35, 0x36, 0x37, 0x38, 0x39, 0x3a,
+    0x43, 0x44, 0x45, 0x46, 0x47, 0x48, 0x49, 0x4a, 0x53, 0x54, 0x55, 0x56, 0x57, 0x58, 0x59, 0x5a, 0x63, 0x64, 0x65,
+    0x66, 0x67, 0x68, 0x69, 0x6a, 0x73, 0x74, 0x75, 0x76, 0x77, 0x78, 0x79, 0x7a, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88,
+    0x89, 0x8a, 0x92, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98, 0x99, 0x9a, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8, 0xa9,
+    0xaa, 0xb2, 0xb3, 0xb4, 0xb5, 0xb6, 0xb7, 0xb8, 0xb9, 0xba, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7, 0xc8, 0xc9, 0xca,
+    0xd2, 0xd3, 0xd4, 0xd5, 0xd6, 0xd7, 0xd8, 0xd9, 0xda, 0xe1, 0xe2, 0xe3, 0xe4, 0xe5, 0xe6, 0xe7, 0xe8, 0xe9, 0xea,
+    0xf1, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8, 0xf9, 0xfa,
+];
+const AC_CHROMA_COUNTS: [u8; 16] = [0, 2, 1, 2, 4, 4, 3, 4, 7, 5, 4, 4, 0, 1, 2, 119];
+#[rustfmt::skip]
+const AC_CHROMA_VALUES: [u8; 162] = [
+    0x00, 0x01, 0x02, 0x03, 0x11, 0x04, 0x05, 0x21, 0x31, 0x06, 0x12, 0x41, 0x51, 0x07, 0x61, 0x71, 0x13, 0x22, 0x32,
+    0x81, 0x08, 0x14, 0x42, 0x91, 0xa1, 0xb1, 0xc1, 0x09, 0x23, 0x33, 0x52, 0xf0, 0x15, 0x62, 0x72, 0xd1, 0x0a, 0x16,
+    0x24, 0x34, 0xe1, 0x25, 0xf1, 0x17, 0x18, 0x19, 0x1a, 0x26, 0x27, 0x28, 0x29, 0x2a, 0x35, 0x36, 0x37, 0x38, 0x39,
+    0x3a, 0x43, 0x44, 0x45, 0x46, 0x47, 0x48, 0x49, 0x4a, 0x53, 0x54, 0x55, 0x56, 0x57, 0x58, 0x59, 0x5a, 0x63, 0x64,
+    0x65, 0x66, 0x67, 0x68, 0x69, 0x6a, 0x73, 0x74, 0x75, 0x76, 0x77, 0x78, 0x79, 0x7a, 0x82, 0x83, 0x84, 0x85, 0x86,
+    0x87, 0x88, 0x89, 0x8a, 0x92, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98, 0x99, 0x9a, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7,
+    0xa8, 0xa9, 0xaa, 0xb2, 0xb3, 0xb4, 0xb5, 0xb6, 0xb7, 0xb8, 0xb9, 0xba, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7, 0xc8,
+    0xc9, 0xca, 0xd2, 0xd3, 0xd4, 0xd5, 0xd6, 0xd7, 0xd8, 0xd9, 0xda, 0xe2, 0xe3, 0xe4, 0xe5, 0xe6, 0xe7, 0xe8, 0xe9,
+    0xea, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8, 0xf9, 0xfa,
+];
+
 fn declined(what: impl Into<String>) -> Declined {
     Declined::new(format!("1/8 decoder: {}", what.into()))
 }
@@ -138,6 +182,11 @@ fn parse(bytes: &[u8]) -> Result<File, Declined> {
             0xC0 | 0xC1 if frame.is_none() => frame = Some(parse_sof(payload)?),
             0xDA => {
                 let frame = frame.ok_or_else(|| declined("scan before the frame header"))?;
+                for (class, tables) in STANDARD_TABLES.iter().enumerate() {
+                    for (id, &(counts, values)) in tables.iter().enumerate() {
+                        dht[class][id].get_or_insert_with(|| RawTable { counts: *counts, values: values.to_vec() });
+                    }
+                }
                 let tables = parse_sos(payload, &frame, &dht)?;
                 for c in &frame.components {
                     if quant[c.quant].is_none() {
@@ -229,6 +278,10 @@ fn parse_sof(p: &[u8]) -> Result<Frame, Declined> {
         .collect();
     if components.iter().any(|c| !(1..=4).contains(&c.h) || !(1..=4).contains(&c.v) || c.quant > 3) {
         return Err(declined("sampling factor or quantiser id"));
+    }
+    if n > 1 && components.iter().map(|c| c.h * c.v).sum::<usize>() > 10 {
+        // libjpeg's limit for an interleaved scan (D_MAX_BLOCKS_IN_MCU), checked only when it decodes.
+        return Err(declined("more than 10 blocks per MCU"));
     }
     if n == 1 {
         // A single component is one non-interleaved scan whatever its factors say.
@@ -398,7 +451,9 @@ struct Entropy {
     end_marker: u8,
 }
 
-fn destuff(bytes: &[u8], start: usize) -> Result<Entropy, Declined> {
+/// `max_intervals` is how many restart intervals the image has: more markers than that decline at once, so a
+/// flood of them costs no memory.
+fn destuff(bytes: &[u8], start: usize, max_intervals: usize) -> Result<Entropy, Declined> {
     let mut data = Vec::with_capacity(bytes.len().saturating_sub(start));
     let mut intervals = Vec::new();
     let (mut from, mut at) = (0, start);
@@ -410,6 +465,15 @@ fn destuff(bytes: &[u8], start: usize) -> Result<Entropy, Declined> {
         match bytes.get(at + 1) {
             Some(0) => data.push(0xFF),
             Some(&m @ 0xD0..=0xD7) => {
+                if bytes.get(at + 2..at + 4) == Some(&[0xFF, 0xD9]) {
+                    // A restart marker right before EOI, whatever its number, as some phones write: libjpeg
+                    // passes over it with a trace message, not a warning.
+                    intervals.push(from..data.len());
+                    return Ok(Entropy { data, intervals, end_marker: 0xD9 });
+                }
+                if intervals.len() + 1 >= max_intervals {
+                    return Err(declined("more restart markers than restart intervals"));
+                }
                 let expected = 0xD0 + (intervals.len() % 8) as u8;
                 if m != expected {
                     return Err(declined(format!("restart marker {m:#04x} where {expected:#04x} belongs")));
@@ -595,12 +659,12 @@ fn decode_scan(bytes: &[u8], file: &File) -> Result<Planes, Declined> {
         .iter()
         .map(|c| file.quant[c.quant].as_ref().ok_or_else(|| declined("missing quantisation table")))
         .collect::<Result<_, _>>()?;
-    let entropy = destuff(bytes, file.scan_start)?;
+    let total = mcus_x * mcus_y;
+    let per_interval = if file.restart_interval == 0 { total } else { file.restart_interval };
+    let entropy = destuff(bytes, file.scan_start, total.div_ceil(per_interval))?;
     if entropy.end_marker != 0xD9 {
         return Err(declined("a marker other than EOI after the scan"));
     }
-    let total = mcus_x * mcus_y;
-    let per_interval = if file.restart_interval == 0 { total } else { file.restart_interval };
     if entropy.intervals.len() != total.div_ceil(per_interval) {
         return Err(declined("restart markers do not match the restart interval"));
     }

@@ -851,6 +851,25 @@ fn one_eighth_decoder_matches_libjpeg_turbo_to_the_bit() {
         let (layout, quality) = (layouts[i % layouts.len()], qualities[i % qualities.len()]);
         cases.push((format!("{name} {layout:?} q{quality}"), encode_with_libjpeg(&rgb, layout, quality, false), true));
     }
+    // Files libjpeg-turbo takes without a warning although they are not textbook: a restart marker right before
+    // EOI (some phones write one), with and without a restart interval; and no Huffman tables at all (Motion-JPEG
+    // camera frames), which means the standard ones.
+    let before_eoi = |jpeg: &[u8], extra: &[u8]| {
+        let eoi = jpeg.len() - 2;
+        [&jpeg[..eoi], extra, &jpeg[eoi..]].concat()
+    };
+    cases.push(("trailing RST, DRI".into(), before_eoi(&fixture("restart-mcu.jpg"), b"\xff\xd3"), true));
+    cases.push(("trailing RST, no DRI".into(), before_eoi(&fixture("photo.jpg"), b"\xff\xd0"), true));
+    let standard = encode_with_libjpeg(&png_rgb("photo.png"), Sub2x1, 85, false);
+    let mut no_dht = standard[..2].to_vec();
+    for (i, &(at, marker)) in markers(&standard).iter().enumerate() {
+        let end = markers(&standard).get(i + 1).map_or(standard.len(), |&(next, _)| next);
+        if marker != 0xc4 {
+            no_dht.extend_from_slice(&standard[at..end]);
+        }
+    }
+    assert!(no_dht.len() < standard.len(), "the encoder wrote its tables");
+    cases.push(("no DHT".into(), no_dht, true));
     let mut accepted = 0;
     for (name, jpeg, must) in &cases {
         let reference = libjpeg_one_eighth(jpeg).unwrap_or_else(|e| panic!("{name}: libjpeg-turbo: {e}"));
@@ -889,8 +908,7 @@ fn one_eighth_decoder_declines_what_libjpeg_turbo_would_warn_about() {
     assert!(ours(&swapped).unwrap_err().contains("restart marker"), "{:?}", ours(&swapped));
     assert!(libjpeg_one_eighth(&swapped).is_err(), "libjpeg-turbo warns too");
     let clean = fixture("photo.jpg");
-    let eoi = clean.len() - 2;
-    let mut extra = clean[..eoi].to_vec();
+    let mut extra = clean[..clean.len() - 2].to_vec();
     extra.extend_from_slice(b"\x12\x34\xff\xd9");
     // Stricter than libjpeg-turbo, which drops bytes its bit buffer had read ahead at the end of a scan unseen.
     assert!(ours(&extra).unwrap_err().contains("extraneous bytes"), "{:?}", ours(&extra));
@@ -911,6 +929,19 @@ fn one_eighth_decoder_declines_what_libjpeg_turbo_would_warn_about() {
     absurd[dqt + 5..dqt + 69].fill(255);
     assert!(ours(&absurd).unwrap_err().contains("chroma terms"), "{:?}", ours(&absurd));
     assert!(libjpeg_one_eighth(&absurd).is_ok());
+    // 12 blocks per MCU (4:4:4 with every component 2×2): libjpeg refuses it when decoding, not in the header.
+    let sof = markers(&clean).iter().find(|&&(_, m)| m == 0xc0).unwrap().0;
+    let mut big_mcu = clean.clone();
+    assert_eq!((big_mcu[sof + 9], big_mcu[sof + 11], big_mcu[sof + 14], big_mcu[sof + 17]), (3, 0x22, 0x11, 0x11));
+    big_mcu[sof + 14] = 0x22;
+    big_mcu[sof + 17] = 0x22;
+    assert!(ours(&big_mcu).unwrap_err().contains("more than 10 blocks"), "{:?}", ours(&big_mcu));
+    assert!(libjpeg_one_eighth(&big_mcu).is_err());
+    // A flood of restart markers is refused at the first one too many, before it costs memory.
+    let eoi = restart.len() - 2;
+    let flood: Vec<u8> = (0..4000u32).flat_map(|i| [0xff, 0xd0 + (i % 8) as u8]).collect();
+    let flooded = [&restart[..eoi], &flood, &restart[eoi..]].concat();
+    assert!(ours(&flooded).unwrap_err().contains("more restart markers"), "{:?}", ours(&flooded));
     for cut in [clean.len() - 2, clean.len() / 2, 700] {
         assert!(ours(&clean[..cut]).is_err(), "cut at {cut}");
     }
