@@ -60,19 +60,13 @@ static IDCT_RANGE: [u8; 1024] = {
 /// (luminance) and 1 (chrominance) that a file leaves empty (`std_huff_tables`): Motion-JPEG camera frames omit
 /// them. Counts per code length 1..=16, then the symbols.
 const STANDARD_TABLES: [[(&[u8; 16], &[u8]); 2]; 2] = [
-    [(&DC_LUMA_COUNTS, &DC_LUMA_VALUES), (&DC_CHROMA_COUNTS, &DC_CHROMA_VALUES)],
+    [(&DC_LUMA_COUNTS, &DC_VALUES), (&DC_CHROMA_COUNTS, &DC_VALUES)],
     [(&AC_LUMA_COUNTS, &AC_LUMA_VALUES), (&AC_CHROMA_COUNTS, &AC_CHROMA_VALUES)],
 ];
+/// Both DC tables code the magnitude categories 0 to 11.
+const DC_VALUES: [u8; 12] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
 const DC_LUMA_COUNTS: [u8; 16] = [0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0];
-#[rustfmt::skip]
-const DC_LUMA_VALUES: [u8; 12] = [
-    0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b,
-];
 const DC_CHROMA_COUNTS: [u8; 16] = [0, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0];
-#[rustfmt::skip]
-const DC_CHROMA_VALUES: [u8; 12] = [
-    0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b,
-];
 const AC_LUMA_COUNTS: [u8; 16] = [0, 2, 1, 3, 3, 2, 4, 3, 5, 5, 4, 4, 0, 0, 1, 125];
 #[rustfmt::skip]
 const AC_LUMA_VALUES: [u8; 162] = [
