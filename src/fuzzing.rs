@@ -36,7 +36,7 @@ pub fn preprocess(data: &[u8]) {
 
 /// Differential: attrd's 1/8-scale JPEG decoder against libjpeg-turbo's. Whatever it accepts, libjpeg-turbo must
 /// decode without a warning, to the same pixels. (The `preprocess` target reaches it too, but only for headers
-/// of 2048 px and more, which the fuzzer seldom writes.) Without the `turbojpeg` feature neither exists.
+/// of about 600 px and more, where its 64×64 spec picks 1/8, and without comparing pixels.) Without the `turbojpeg` feature neither exists.
 pub fn one_eighth(data: &[u8]) {
     #[cfg(feature = "turbojpeg")]
     if let Ok(ours) = crate::preprocess::decode_one_eighth(data, 4_000_000) {

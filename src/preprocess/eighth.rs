@@ -135,12 +135,18 @@ struct Frame {
     v_max: usize,
 }
 
+/// The Huffman tables a scan uses, each built once (the chroma components usually share theirs).
+struct ScanTables {
+    built: Vec<HuffTable>,
+    /// Per component, in frame order: its (DC, AC) tables' indices in `built`.
+    components: Vec<(usize, usize)>,
+}
+
 struct File {
     frame: Frame,
     /// Quantisers in natural order.
     quant: [Option<[u16; 64]>; 4],
-    /// (DC, AC) table per component, in frame order.
-    tables: Vec<(HuffTable, HuffTable)>,
+    tables: ScanTables,
     restart_interval: usize,
     /// Offset of the first entropy-coded byte.
     scan_start: usize,
@@ -301,11 +307,7 @@ fn parse_sof(p: &[u8]) -> Result<Frame, Declined> {
     Ok(Frame { width, height, components, h_max, v_max })
 }
 
-fn parse_sos(
-    p: &[u8],
-    frame: &Frame,
-    dht: &[[Option<RawTable>; 4]; 2],
-) -> Result<Vec<(HuffTable, HuffTable)>, Declined> {
+fn parse_sos(p: &[u8], frame: &Frame, dht: &[[Option<RawTable>; 4]; 2]) -> Result<ScanTables, Declined> {
     let n = usize::from(*p.first().ok_or_else(|| declined("SOS length"))?);
     if p.len() != 4 + 2 * n {
         return Err(declined("SOS length"));
@@ -316,20 +318,25 @@ fn parse_sos(
     if p[1 + 2 * n..] != [0, 63, 0] {
         return Err(declined("not a sequential scan"));
     }
-    let mut tables = Vec::with_capacity(n);
+    let mut built: Vec<((usize, u8), HuffTable)> = Vec::new();
+    let mut table = |class: usize, id: u8| -> Result<usize, Declined> {
+        if let Some(i) = built.iter().position(|(key, _)| *key == (class, id)) {
+            return Ok(i);
+        }
+        let raw = dht[class].get(usize::from(id)).and_then(Option::as_ref);
+        let raw = raw.ok_or_else(|| declined("missing Huffman table"))?;
+        built.push(((class, id), HuffTable::new(raw, class == 0)?));
+        Ok(built.len() - 1)
+    };
+    let mut components = Vec::with_capacity(n);
     for (i, c) in frame.components.iter().enumerate() {
         let (id, td_ta) = (p[1 + 2 * i], p[2 + 2 * i]);
         if id != c.id {
             return Err(declined("scan components out of frame order"));
         }
-        let raw = |class: usize, id: u8| {
-            dht[class].get(usize::from(id)).and_then(Option::as_ref).ok_or_else(|| declined("missing Huffman table"))
-        };
-        let dc = HuffTable::new(raw(0, td_ta >> 4)?, true)?;
-        let ac = HuffTable::new(raw(1, td_ta & 15)?, false)?;
-        tables.push((dc, ac));
+        components.push((table(0, td_ta >> 4)?, table(1, td_ta & 15)?));
     }
-    Ok(tables)
+    Ok(ScanTables { built: built.into_iter().map(|(_, t)| t).collect(), components })
 }
 
 /// One Huffman table, for decoding and for skipping.
@@ -674,7 +681,8 @@ fn decode_scan(bytes: &[u8], file: &File) -> Result<Planes, Declined> {
         for mcu in i * per_interval..((i + 1) * per_interval).min(total) {
             let (mx, my) = (mcu % mcus_x, mcu / mcus_x);
             for (ci, c) in frame.components.iter().enumerate() {
-                let (dc_table, ac_table) = &file.tables[ci];
+                let (dc, ac) = file.tables.components[ci];
+                let (dc_table, ac_table) = (&file.tables.built[dc], &file.tables.built[ac]);
                 let q = quant[ci];
                 for v in 0..c.v {
                     for h in 0..c.h {

@@ -49,11 +49,7 @@ fn declined(what: &str, e: impl std::fmt::Display) -> Declined {
 /// The 1/8-scale decoder alone (`eighth.rs`), with the colour space from libjpeg-turbo's header as in `decode`:
 /// for the differential fuzz target and the tests, which hold it to libjpeg-turbo's own 1/8 decode.
 pub(super) fn one_eighth(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Declined> {
-    let header =
-        Decompressor::new().and_then(|mut d| d.read_header(bytes)).map_err(|e| declined("reading the header", e))?;
-    if (header.width as u64).saturating_mul(header.height as u64) > max_pixels {
-        return Err(Declined("over the pixel limit".into()));
-    }
+    let (_, header) = header_within(bytes, max_pixels)?;
     let colour = one_eighth_colour(header.colorspace)
         .ok_or_else(|| Declined(format!("{:?} colour space", header.colorspace)))?;
     eighth::decode(bytes, colour)
@@ -61,16 +57,23 @@ pub(super) fn one_eighth(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Decl
 
 /// libjpeg-turbo's own 1/8-scale decode, the reference `one_eighth` is held to (any warning is an `Err`).
 pub(super) fn libjpeg_one_eighth(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Declined> {
+    let (mut d, header) = header_within(bytes, max_pixels)?;
+    decompress_scaled(&mut d, bytes, &header, 8)
+}
+
+/// A fresh decompressor and the file's header, for a file of at most `max_pixels`.
+fn header_within(bytes: &[u8], max_pixels: u64) -> Result<(Decompressor, turbojpeg::DecompressHeader), Declined> {
     let mut d = Decompressor::new().map_err(|e| declined("creating a decompressor", e))?;
     let header = d.read_header(bytes).map_err(|e| declined("reading the header", e))?;
     if (header.width as u64).saturating_mul(header.height as u64) > max_pixels {
         return Err(Declined("over the pixel limit".into()));
     }
-    decompress_scaled(&mut d, bytes, &header, 8)
+    Ok((d, header))
 }
 
 /// Decodes `bytes` (already sniffed as JPEG, within the file-size limit) like `decode_jpeg`, but may use every
-/// DCT reduction down to 1/8: libjpeg-turbo's scaled IDCTs round correctly (see the `one_eighth` test).
+/// DCT reduction down to 1/8: libjpeg-turbo's scaled IDCTs round correctly (see the test
+/// `libjpeg_turbo_one_eighth_scale_is_unbiased`).
 pub(super) fn decode(bytes: &[u8], spec: &InputSpec, limits: &Limits) -> Result<Decoded, Declined> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();

@@ -784,22 +784,8 @@ fn real_dataset_sample_preprocesses() {
 
 /// libjpeg-turbo's 1/8-scale decode through its TurboJPEG API (an `Err` for any warning, as in the fast path).
 #[cfg(feature = "turbojpeg")]
-fn libjpeg_one_eighth(jpeg: &[u8]) -> Result<RgbImage, turbojpeg::Error> {
-    let mut d = turbojpeg::Decompressor::new()?;
-    let header = d.read_header(jpeg)?;
-    let factor = turbojpeg::ScalingFactor::new(1, 8);
-    d.set_scaling_factor(factor)?;
-    let s = header.scaled(factor);
-    let mut pixels = vec![0u8; 3 * s.width * s.height];
-    let out = turbojpeg::Image {
-        pixels: &mut pixels[..],
-        width: s.width,
-        pitch: 3 * s.width,
-        height: s.height,
-        format: turbojpeg::PixelFormat::RGB,
-    };
-    d.decompress(jpeg, out)?;
-    Ok(RgbImage::from_raw(s.width as u32, s.height as u32, pixels).unwrap())
+fn libjpeg_one_eighth(jpeg: &[u8]) -> Result<RgbImage, String> {
+    attrd::preprocess::libjpeg_turbo_one_eighth(jpeg, u64::MAX)
 }
 
 #[cfg(feature = "turbojpeg")]
@@ -862,8 +848,9 @@ fn one_eighth_decoder_matches_libjpeg_turbo_to_the_bit() {
     cases.push(("trailing RST, no DRI".into(), before_eoi(&fixture("photo.jpg"), b"\xff\xd0"), true));
     let standard = encode_with_libjpeg(&png_rgb("photo.png"), Sub2x1, 85, false);
     let mut no_dht = standard[..2].to_vec();
-    for (i, &(at, marker)) in markers(&standard).iter().enumerate() {
-        let end = markers(&standard).get(i + 1).map_or(standard.len(), |&(next, _)| next);
+    let segments = markers(&standard);
+    for (i, &(at, marker)) in segments.iter().enumerate() {
+        let end = segments.get(i + 1).map_or(standard.len(), |&(next, _)| next);
         if marker != 0xc4 {
             no_dht.extend_from_slice(&standard[at..end]);
         }
