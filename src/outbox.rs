@@ -4,6 +4,9 @@
 //! One worker thread owns the SQLite connection. Writes that arrive together are committed in one transaction
 //! (group commit), so `synchronous=FULL` costs one fsync per burst rather than one per result. The counters behind
 //! [`Outbox::depth`] are kept by that thread, so status and metrics never touch the database.
+//!
+//! Beside the results it keeps camera frames whose results could not be stored yet ([`KeptFrame`]): a frame
+//! exists nowhere else, so this is where it outlives the process.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
@@ -18,7 +21,7 @@ use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 /// Schema version written to `PRAGMA user_version`; `open` migrates older files step by step.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 /// Upper bound of operations committed in one transaction, so one reply never waits behind an unbounded burst.
 const MAX_GROUP: usize = 512;
 /// How often the "outbox full" alarm may be logged.
@@ -203,6 +206,27 @@ pub struct Entry {
     pub created_at: OffsetDateTime,
 }
 
+/// A camera frame whose result could not be stored yet (outbox full or unwritable), kept beside the results so that it
+/// outlives a restart or a crash (see `sources::HeldFrames`). A hot-folder file stays in its folder and an upload's
+/// client sends it again, but a camera frame exists nowhere else.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeptFrame {
+    /// The camera's name.
+    pub camera: String,
+    /// The item's SKU.
+    pub sku: String,
+    /// The frame, as JPEG.
+    pub jpeg: Vec<u8>,
+    /// When the camera took it.
+    pub captured_at: OffsetDateTime,
+    /// Recorded frames replayed by a fake camera (demos, tests) rather than a V4L2 device.
+    pub replayed: bool,
+    /// The camera's retry backoff, shortest wait.
+    pub retry_min: Duration,
+    /// The camera's retry backoff, longest wait.
+    pub retry_max: Duration,
+}
+
 /// How full the outbox is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct Stats {
@@ -270,6 +294,17 @@ enum Op {
         limit: usize,
         reply: oneshot::Sender<Result<Vec<Entry>, OutboxError>>,
     },
+    KeepFrame {
+        frame: Box<KeptFrame>,
+        reply: oneshot::Sender<Result<i64, OutboxError>>,
+    },
+    ReleaseFrame {
+        id: i64,
+        reply: oneshot::Sender<Result<(), OutboxError>>,
+    },
+    KeptFrames {
+        reply: oneshot::Sender<Result<Vec<(i64, KeptFrame)>, OutboxError>>,
+    },
 }
 
 impl Op {
@@ -277,7 +312,7 @@ impl Op {
     fn size(&self) -> usize {
         match self {
             Op::Writes(w) => w.len().max(1),
-            Op::Batch { .. } => 1,
+            Op::Batch { .. } | Op::KeepFrame { .. } | Op::ReleaseFrame { .. } | Op::KeptFrames { .. } => 1,
         }
     }
 }
@@ -404,6 +439,29 @@ impl Outbox {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
+    /// Keeps a camera frame durably (committed with `synchronous=FULL`) until [`release_frame`](Self::release_frame);
+    /// returns its key. Frames do not count against `max_messages` / `max_bytes`: those bound results, and a
+    /// camera's `max_in_flight` bounds its frames.
+    pub async fn keep_frame(&self, frame: KeptFrame) -> Result<i64, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::KeepFrame { frame: Box::new(frame), reply })?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Deletes a kept frame once its result is stored (or can never be). Unknown keys are fine.
+    pub async fn release_frame(&self, id: i64) -> Result<(), OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::ReleaseFrame { id, reply })?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Every kept frame with its key, oldest first.
+    pub async fn kept_frames(&self) -> Result<Vec<(i64, KeptFrame)>, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::KeptFrames { reply })?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
     /// Current fill level, from counters kept in memory (no database access).
     pub fn depth(&self) -> Stats {
         let c = *self.inner.shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
@@ -506,6 +564,22 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OutboxError> {
         // Idempotent enqueues look messages up by id.
         tx.execute_batch("CREATE INDEX IF NOT EXISTS outbox_message_id ON outbox (message_id);").map_err(open_err)?;
     }
+    if version < 3 {
+        tx.execute_batch(
+            "CREATE TABLE kept_frames (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 camera TEXT NOT NULL,
+                 sku TEXT NOT NULL,
+                 jpeg BLOB NOT NULL,
+                 captured_at_ns INTEGER NOT NULL,
+                 replayed INTEGER NOT NULL,
+                 retry_min_ms INTEGER NOT NULL,
+                 retry_max_ms INTEGER NOT NULL,
+                 kept_at_ms INTEGER NOT NULL
+             );",
+        )
+        .map_err(open_err)?;
+    }
     if version != SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(open_err)?;
         tracing::info!(path = %path.display(), from = version, to = SCHEMA_VERSION, "outbox schema migrated");
@@ -590,11 +664,70 @@ impl Worker {
                         let _ = reply.send(self.batch(after, limit));
                     }
                     Op::Writes(w) => writes.extend(w),
+                    // Frames come one at a time (a frame refused by a full outbox), so each is its own commit.
+                    Op::KeepFrame { frame, reply } => {
+                        self.commit_writes(std::mem::take(&mut writes));
+                        let _ = reply.send(self.keep_frame(&frame));
+                    }
+                    Op::ReleaseFrame { id, reply } => {
+                        self.commit_writes(std::mem::take(&mut writes));
+                        let r = self
+                            .conn
+                            .prepare_cached("DELETE FROM kept_frames WHERE id = ?1")
+                            .and_then(|mut s| s.execute([id]));
+                        let _ = reply.send(r.map(drop).map_err(OutboxError::from));
+                    }
+                    Op::KeptFrames { reply } => {
+                        self.commit_writes(std::mem::take(&mut writes));
+                        let _ = reply.send(self.kept_frames());
+                    }
                 }
             }
             self.commit_writes(writes);
         }
         tracing::debug!("outbox worker stopped");
+    }
+
+    fn keep_frame(&self, f: &KeptFrame) -> Result<i64, OutboxError> {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let captured_ns = i64::try_from(f.captured_at.unix_timestamp_nanos()).unwrap_or(i64::MAX);
+        let id = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO kept_frames
+                     (camera, sku, jpeg, captured_at_ns, replayed, retry_min_ms, retry_max_ms, kept_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+            )?
+            .query_row(
+                params![f.camera, f.sku, f.jpeg, captured_ns, f.replayed, ms(f.retry_min), ms(f.retry_max), now_ms()],
+                |r| r.get(0),
+            )?;
+        Ok(id)
+    }
+
+    fn kept_frames(&self) -> Result<Vec<(i64, KeptFrame)>, OutboxError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, camera, sku, jpeg, captured_at_ns, replayed, retry_min_ms, retry_max_ms FROM kept_frames
+             ORDER BY id",
+        )?;
+        let ms = |v: i64| Duration::from_millis(u64::try_from(v).unwrap_or(0));
+        let rows = stmt.query_map([], |r| {
+            let captured_ns: i64 = r.get(4)?;
+            Ok((
+                r.get::<_, i64>(0)?,
+                KeptFrame {
+                    camera: r.get(1)?,
+                    sku: r.get(2)?,
+                    jpeg: r.get(3)?,
+                    captured_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(captured_ns))
+                        .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+                    replayed: r.get(5)?,
+                    retry_min: ms(r.get(6)?),
+                    retry_max: ms(r.get(7)?),
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn batch(&self, after: Option<i64>, limit: usize) -> Result<Vec<Entry>, OutboxError> {

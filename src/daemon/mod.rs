@@ -16,7 +16,7 @@ use attrd::models::{self, ModelError, ModelStore};
 use attrd::mqtt::{IncomingCommand, Publisher, PublisherHandle, Topics};
 use attrd::outbox::{NewMessage, Outbox};
 use attrd::pipeline::{Finished, NotStored, Pipeline};
-use attrd::sources::{self, ShutdownSignal, Trigger};
+use attrd::sources::{self, HeldFrames, ShutdownSignal, Trigger};
 use attrd::systemd::{Heartbeat, Notifier};
 use attrd::util::{error_chain, now_rfc3339};
 use serde_json::json;
@@ -50,9 +50,27 @@ pub async fn run(config_path: PathBuf, cfg: Config, set_log_filter: crate::SetLo
     notifier.status("starting");
     attrd::mqtt::install_crypto_provider();
     let mut cfg = cfg;
+    // Camera frames whose results could not be stored yet outlive a reload here (they exist nowhere else; the outbox
+    // database keeps them across restarts).
+    let held = HeldFrames::default();
     loop {
-        match serve(&config_path, &cfg, notifier, started).await? {
-            Outcome::Stopped => return Ok(()),
+        match serve(&config_path, &cfg, notifier, started, &held).await? {
+            Outcome::Stopped => {
+                let (kept, lost): (Vec<_>, Vec<_>) = held.take().into_iter().partition(|f| f.is_kept());
+                if !kept.is_empty() {
+                    tracing::warn!(
+                        frames = kept.len(),
+                        "camera frames whose results are not stored yet stay in the \
+                        outbox database; the next start sends them again"
+                    );
+                }
+                if !lost.is_empty() {
+                    let skus: Vec<&str> = lost.iter().map(|f| f.sku()).collect();
+                    tracing::error!(frames = lost.len(), skus = ?skus, "stopping with camera frames that could be \
+                        stored neither as results nor on disk: they are lost (take them again)");
+                }
+                return Ok(());
+            }
             Outcome::Reconfigure(new) => {
                 if std::env::var_os("ATTRD_LOG").is_none()
                     && new.log.filter != cfg.log.filter
@@ -89,7 +107,13 @@ fn reconfiguration(path: &Path, current: &Config) -> Result<Option<Config>> {
 }
 
 /// Runs the daemon with one configuration until a stop signal or an applicable reload.
-async fn serve(config_path: &Path, cfg: &Config, notifier: Notifier, started: Instant) -> Result<Outcome> {
+async fn serve(
+    config_path: &Path,
+    cfg: &Config,
+    notifier: Notifier,
+    started: Instant,
+    held: &HeldFrames,
+) -> Result<Outcome> {
     let node = cfg.mqtt.node_name();
     let _broker =
         if cfg.demo.spawn_broker { Some(SpawnedBroker::start(cfg).context("starting the demo broker")?) } else { None };
@@ -111,6 +135,12 @@ async fn serve(config_path: &Path, cfg: &Config, notifier: Notifier, started: In
     let engine = Arc::new(ArcSwap::from_pointee(engine));
 
     let outbox = Outbox::open(&cfg.outbox).context("opening the outbox")?;
+    match held.attach(&outbox).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(frames = n, "camera frames kept from before the restart are sent again"),
+        Err(e) => tracing::error!(error = %error_chain(&e), "cannot read the camera frames kept in the outbox; they \
+            stay there and are tried again at the next start"),
+    }
     let (mut publisher, commands) = Publisher::start(&cfg.mqtt, outbox.clone()).context("starting MQTT")?;
     let mqtt = publisher.handle();
     let topics = publisher.topics().clone();
@@ -130,7 +160,8 @@ async fn serve(config_path: &Path, cfg: &Config, notifier: Notifier, started: In
     let writer =
         tokio::spawn(outbox_writer(finished_rx, outbox.clone(), topics.clone(), metrics.clone(), heartbeat.clone()));
 
-    let built = sources::build(&cfg.sources).context("configuring sources")?;
+    let mut built = sources::build(&cfg.sources, held).context("configuring sources")?;
+    built.sources.extend(held.source());
     let triggers = built.triggers;
     let stop_sources = ShutdownSignal::new();
     let sources_task = tokio::spawn(sources::run_all(built.sources, pipeline.shots.clone(), stop_sources.subscribe()));
@@ -256,6 +287,7 @@ async fn serve(config_path: &Path, cfg: &Config, notifier: Notifier, started: In
         t.abort();
     }
     capture_task.abort();
+    held.detach();
     tracing::info!(restarting, "attrd stopped");
     if restarting && !drained {
         // The tasks the drain was waiting for still run, detached: a second instance beside them would share the hot

@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use hotfolder::{HotfolderConfig, HotfolderSource};
-pub use v4l2::{CameraSource, FrameGrabber, Trigger, V4l2Config};
+pub use v4l2::{CameraSource, FrameGrabber, HeldFrame, HeldFrames, Trigger, V4l2Config};
 
 /// One configured source. The `type` field selects the variant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -226,9 +226,11 @@ impl std::fmt::Debug for Sources {
 /// How many triggers may wait for a camera before senders wait in turn.
 const TRIGGER_QUEUE: usize = 16;
 
-/// Builds every configured source, validating all of them first. V4L2 cameras get the grabber `grabbers` makes.
+/// Builds every configured source, validating all of them first. V4L2 cameras get the grabber `grabbers` makes,
+/// and leave frames not stored yet when they stop in `held`.
 pub fn build_with(
     configs: &[SourceConfig],
+    held: &HeldFrames,
     mut grabbers: impl FnMut(&V4l2Config) -> Result<Box<dyn FrameGrabber>, SourceError>,
 ) -> Result<Sources, SourceError> {
     let mut out = Sources { sources: Vec::new(), triggers: BTreeMap::new() };
@@ -243,7 +245,7 @@ pub fn build_with(
             SourceConfig::V4l2(c) => {
                 let (tx, rx) = mpsc::channel(TRIGGER_QUEUE);
                 let grabber = grabbers(c)?;
-                out.sources.push(Box::new(CameraSource::new(c.clone(), grabber, Some(rx))?));
+                out.sources.push(Box::new(CameraSource::new(c.clone(), grabber, Some(rx))?.holding(held.clone())));
                 out.triggers.insert(name, tx);
             }
         }
@@ -252,8 +254,8 @@ pub fn build_with(
 }
 
 /// [`build_with`] using real V4L2 devices for cameras (or their `replay` directories).
-pub fn build(configs: &[SourceConfig]) -> Result<Sources, SourceError> {
-    build_with(configs, v4l2::grabber)
+pub fn build(configs: &[SourceConfig], held: &HeldFrames) -> Result<Sources, SourceError> {
+    build_with(configs, held, v4l2::grabber)
 }
 
 /// Runs sources concurrently until all of them end (after shutdown). A source that panics is logged; the others

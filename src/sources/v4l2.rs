@@ -6,6 +6,7 @@
 //! interval handling, and reopening a camera that failed or was unplugged (with backoff, never a crash).
 
 use super::{Origin, Shot, ShotOutcome, Shutdown, Source, SourceError, SourceFuture, backoff, error_chain, outcome};
+use crate::outbox::{KeptFrame, Outbox, OutboxError};
 use crate::payload::SourceKind;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -296,6 +297,7 @@ pub struct CameraSource {
     id: String,
     grabber: Box<dyn FrameGrabber>,
     trigger: Option<mpsc::Receiver<Trigger>>,
+    held: HeldFrames,
 }
 
 impl std::fmt::Debug for CameraSource {
@@ -327,7 +329,14 @@ impl CameraSource {
         if trigger.is_none() && cfg.interval.is_none() {
             return bad("neither a trigger channel nor an interval: the camera would never take a frame");
         }
-        Ok(CameraSource { cfg, id, grabber, trigger })
+        Ok(CameraSource { cfg, id, grabber, trigger, held: HeldFrames::default() })
+    }
+
+    /// Where this camera leaves frames whose results are not stored yet when it stops (see [`HeldFrames`]); by
+    /// default a store of its own, which nothing reads.
+    pub fn holding(mut self, held: HeldFrames) -> Self {
+        self.held = held;
+        self
     }
 
     fn interval_sku(&self) -> String {
@@ -488,17 +497,19 @@ impl CameraSource {
                 _ = shutdown.wait() => break,
             }
             tracing::debug!(camera = %self.id, %sku, bytes = jpeg.len(), "frame sent");
-            let resend = Resend {
-                camera: self.id.clone(),
-                sku,
-                jpeg,
-                captured_at,
-                origin,
-                tx: tx.clone(),
-                shutdown: shutdown.clone(),
-                retry_min: self.cfg.retry_min,
-                retry_max: self.cfg.retry_max,
+            let frame = HeldFrame {
+                frame: KeptFrame {
+                    camera: self.id.clone(),
+                    sku,
+                    jpeg,
+                    captured_at,
+                    replayed: matches!(origin, Origin::Fake { .. }),
+                    retry_min: self.cfg.retry_min,
+                    retry_max: self.cfg.retry_max,
+                },
+                key: None,
             };
+            let resend = Resend { frame, tx: tx.clone(), shutdown: shutdown.clone(), held: self.held.clone() };
             waiters.spawn(async move {
                 resend.until_stored(rx).await;
                 drop(permit);
@@ -515,53 +526,234 @@ impl CameraSource {
     }
 }
 
-/// A frame waiting for its result to be stored; sent again after "retry later".
+/// A camera frame whose result is not stored yet.
+#[derive(Debug, Clone)]
+pub struct HeldFrame {
+    frame: KeptFrame,
+    /// Its key in the outbox database once kept there (see [`HeldFrames::attach`]).
+    key: Option<i64>,
+}
+
+impl HeldFrame {
+    pub fn sku(&self) -> &str {
+        &self.frame.sku
+    }
+
+    pub fn camera(&self) -> &str {
+        &self.frame.camera
+    }
+
+    /// Whether it is kept in the outbox database (and so outlives the process).
+    pub fn is_kept(&self) -> bool {
+        self.key.is_some()
+    }
+
+    fn shot(&self) -> (Shot, tokio::sync::oneshot::Receiver<ShotOutcome>) {
+        let f = &self.frame;
+        let camera = f.camera.clone();
+        let origin = if f.replayed { Origin::Fake { camera } } else { Origin::V4l2 { camera } };
+        Shot::new(f.sku.clone(), f.jpeg.clone(), f.captured_at, origin)
+    }
+}
+
+/// Camera frames whose results could not be stored yet (outbox full or unwritable). Unlike a hot-folder file, which
+/// stays in its folder, or an upload, whose client is told to send it again, a frame exists nowhere else. So:
+/// - once refused, a frame is kept in the outbox database ([`Outbox::keep_frame`]) when one is attached, and released
+///   once its result is stored: a restart or a crash does not lose it, and the next start sends it again;
+/// - frames still waiting when the sources stop are held here, in memory, and the daemon keeps one `HeldFrames` across
+///   reloads, so a SIGHUP that restarts the pipeline hands them to the next run ([`HeldFrames::source`]).
+///
+/// A frame that cannot be kept either (the disk is full) stays in memory only and is lost if the process ends.
+#[derive(Debug, Clone, Default)]
+pub struct HeldFrames(Arc<HeldInner>);
+
+#[derive(Debug, Default)]
+struct HeldInner {
+    frames: std::sync::Mutex<Vec<HeldFrame>>,
+    store: std::sync::Mutex<Option<Outbox>>,
+}
+
+/// Locks a mutex whose data no panic can leave half-changed (a push, a take, a swap), so a poisoned lock is still whole.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl HeldFrames {
+    /// Keeps frames in `outbox` from now on, and takes in the frames it holds from an earlier process (those not held
+    /// in memory already). Frames held in memory but kept in another database (the outbox moved in a reload) are
+    /// kept again in this one when next refused. Returns how many frames it took in.
+    pub async fn attach(&self, outbox: &Outbox) -> Result<usize, OutboxError> {
+        let kept = outbox.kept_frames().await?;
+        let same = lock(&self.0.store).as_ref().is_some_and(|o| o.path() == outbox.path());
+        *lock(&self.0.store) = Some(outbox.clone());
+        let mut frames = lock(&self.0.frames);
+        if !same {
+            for f in frames.iter_mut() {
+                f.key = None;
+            }
+        }
+        let known: std::collections::BTreeSet<i64> = frames.iter().filter_map(|f| f.key).collect();
+        let mut taken = 0;
+        for (key, mut frame) in kept {
+            if known.contains(&key) {
+                continue;
+            }
+            // A damaged row must not make a frame retry in a tight loop.
+            frame.retry_min = frame.retry_min.max(Duration::from_millis(10));
+            frame.retry_max = frame.retry_max.max(frame.retry_min);
+            frames.push(HeldFrame { frame, key: Some(key) });
+            taken += 1;
+        }
+        Ok(taken)
+    }
+
+    /// Lets go of the outbox (the daemon closes it before it opens it again in a reload).
+    pub fn detach(&self) {
+        lock(&self.0.store).take();
+    }
+
+    fn store(&self) -> Option<Outbox> {
+        lock(&self.0.store).clone()
+    }
+
+    fn hold(&self, frame: HeldFrame) {
+        lock(&self.0.frames).push(frame);
+    }
+
+    /// Takes every held frame out.
+    pub fn take(&self) -> Vec<HeldFrame> {
+        std::mem::take(&mut *lock(&self.0.frames))
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.0.frames).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        lock(&self.0.frames).is_empty()
+    }
+
+    /// A source that sends the held frames (taken out now) into the pipeline again, each until its result is stored;
+    /// whatever is still not stored when it stops is held here again. `None` when nothing is held.
+    pub fn source(&self) -> Option<Box<dyn Source>> {
+        let frames = self.take();
+        (!frames.is_empty()).then(|| Box::new(HeldSource { frames, held: self.clone() }) as Box<dyn Source>)
+    }
+}
+
+/// The frames a previous run of the sources left, sent again ([`HeldFrames::source`]).
+struct HeldSource {
+    frames: Vec<HeldFrame>,
+    held: HeldFrames,
+}
+
+impl Source for HeldSource {
+    fn name(&self) -> &str {
+        "held camera frames"
+    }
+
+    fn run(self: Box<Self>, tx: mpsc::Sender<Shot>, shutdown: Shutdown) -> SourceFuture {
+        Box::pin(async move {
+            tracing::info!(frames = self.frames.len(), "sending again the camera frames whose results were not stored");
+            let mut waiters = tokio::task::JoinSet::new();
+            for frame in self.frames {
+                let resend = Resend { frame, tx: tx.clone(), shutdown: shutdown.clone(), held: self.held.clone() };
+                waiters.spawn(resend.send_until_stored());
+            }
+            drop(tx);
+            while waiters.join_next().await.is_some() {}
+        })
+    }
+}
+
+/// A frame waiting for its result to be stored: kept in the outbox database and sent again after "retry later",
+/// held when the sources stop first, released once stored.
 struct Resend {
-    camera: String,
-    sku: String,
-    jpeg: Vec<u8>,
-    captured_at: OffsetDateTime,
-    origin: Origin,
+    frame: HeldFrame,
     tx: mpsc::Sender<Shot>,
     shutdown: Shutdown,
-    retry_min: Duration,
-    retry_max: Duration,
+    held: HeldFrames,
 }
 
 impl Resend {
     async fn until_stored(mut self, mut rx: tokio::sync::oneshot::Receiver<ShotOutcome>) {
         let mut attempt = 0u32;
+        let (camera, sku) = (self.frame.frame.camera.clone(), self.frame.frame.sku.clone());
         loop {
             match outcome(rx).await {
                 ShotOutcome::Durable => {
-                    tracing::debug!(camera = %self.camera, sku = %self.sku, "frame stored");
-                    return;
+                    tracing::debug!(%camera, %sku, "frame stored");
+                    return self.release().await;
                 }
                 ShotOutcome::Failed(reason) => {
-                    tracing::warn!(camera = %self.camera, sku = %self.sku, %reason, "frame produced no result");
-                    return;
+                    tracing::warn!(%camera, %sku, %reason, "frame produced no result");
+                    return self.release().await;
                 }
                 ShotOutcome::RetryLater(reason) => {
-                    let wait = backoff(self.retry_min, self.retry_max, attempt);
+                    let wait = backoff(self.frame.frame.retry_min, self.frame.frame.retry_max, attempt);
+                    tracing::warn!(%camera, %sku, %reason, retry_in = ?wait, "frame not stored yet");
+                    self.keep(attempt).await;
                     attempt = attempt.saturating_add(1);
-                    tracing::warn!(camera = %self.camera, sku = %self.sku, %reason, retry_in = ?wait, "frame not stored yet");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = self.shutdown.wait() => {
-                            tracing::error!(camera = %self.camera, sku = %self.sku, "shutting down: frame dropped without a result");
-                            return;
-                        }
+                        _ = self.shutdown.wait() => return self.hold(),
                     }
-                    let (shot, next) =
-                        Shot::new(self.sku.clone(), self.jpeg.clone(), self.captured_at, self.origin.clone());
-                    if self.tx.send(shot).await.is_err() {
-                        tracing::error!(camera = %self.camera, sku = %self.sku, "pipeline gone: frame dropped without a result");
-                        return;
+                    match self.send().await {
+                        Some(next) => rx = next,
+                        None => return self.hold(),
                     }
-                    rx = next;
                 }
             }
         }
+    }
+
+    /// A held frame's first send in a new run of the sources, then [`Self::until_stored`].
+    async fn send_until_stored(mut self) {
+        match self.send().await {
+            Some(rx) => self.until_stored(rx).await,
+            None => self.hold(),
+        }
+    }
+
+    /// `None` when the sources stop (or the pipeline is gone) first.
+    async fn send(&mut self) -> Option<tokio::sync::oneshot::Receiver<ShotOutcome>> {
+        let (shot, rx) = self.frame.shot();
+        tokio::select! {
+            r = self.tx.send(shot) => r.ok().map(|()| rx),
+            _ = self.shutdown.wait() => None,
+        }
+    }
+
+    /// Keeps the frame in the outbox database, if it is not kept yet and there is one; tried again on every refusal
+    /// (the disk may have space again), logged on the first.
+    async fn keep(&mut self, attempt: u32) {
+        let Some(store) = self.held.store().filter(|_| self.frame.key.is_none()) else { return };
+        let f = &self.frame.frame;
+        match store.keep_frame(f.clone()).await {
+            Ok(key) => {
+                tracing::info!(camera = %f.camera, sku = %f.sku, key, "frame kept in the outbox database until its result is stored");
+                self.frame.key = Some(key);
+            }
+            Err(e) if attempt == 0 => tracing::error!(camera = %f.camera, sku = %f.sku, error = %error_chain(&e),
+                "cannot keep the frame on disk either: it waits in memory only, and is lost if attrd stops before its result is stored"),
+            Err(_) => {}
+        }
+    }
+
+    async fn release(self) {
+        let (Some(key), Some(store)) = (self.frame.key, self.held.store()) else { return };
+        if let Err(e) = store.release_frame(key).await {
+            // Sent again after the next start: its result repeats with the same message_id, which subscribers drop.
+            tracing::warn!(camera = %self.frame.frame.camera, sku = %self.frame.frame.sku, key, error = %error_chain(&e),
+                "cannot release the kept frame; it will be sent again after a restart");
+        }
+    }
+
+    fn hold(self) {
+        let f = &self.frame;
+        tracing::warn!(camera = %f.frame.camera, sku = %f.frame.sku, kept = f.is_kept(),
+            "sources stopping before the frame's result was stored: the frame is held for the next run");
+        self.held.hold(self.frame);
     }
 }
 
@@ -621,6 +813,7 @@ impl FrameGrabber for Unplugged {
 #[cfg(feature = "v4l2")]
 mod device {
     use super::{CameraError, CaptureSettings, Frame, FrameGrabber, PixelFormat, StreamInfo};
+    use crate::outbox::{KeptFrame, Outbox, OutboxError};
     use crate::payload::SourceKind;
     use std::io;
     use std::path::PathBuf;

@@ -665,6 +665,82 @@ async fn mqtt_capture_command_triggers_a_camera_and_publishes_its_result() {
     let _ = child.wait();
 }
 
+/// A camera frame exists nowhere else. With the outbox full (broker away, `reject_new`), frames wait in the camera's
+/// retry backoff, kept in the outbox database; a SIGHUP that applies a new configuration restarts the pipeline and
+/// hands them on, and after a `kill -9` the next start sends them again. Once the broker is back, every frame's
+/// result arrives, each with one `message_id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_frames_whose_results_could_not_be_stored_yet_survive_a_reload_and_a_kill() {
+    let mut broker = Mosquitto::start_persistent();
+    let node = Node::new("it-held", broker.port);
+    let frames = node.dir.path().join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    for (i, (_, path, _)) in fashion_rows().iter().skip(200).take(2).enumerate() {
+        std::fs::copy(path, frames.join(format!("{i}.jpg"))).unwrap();
+    }
+    let cfg = std::fs::read_to_string(&node.config).unwrap().replace(
+        "path = \"outbox.sqlite3\"",
+        "path = \"outbox.sqlite3\"\nmax_messages = 1\nwhen_full = \"reject_new\"",
+    );
+    let camera = format!(
+        "\n[[sources]]\ntype = \"v4l2\"\nname = \"front\"\nreplay = \"{}\"\nretry_min = \"100ms\"\nretry_max = \"300ms\"\n",
+        frames.display()
+    );
+    std::fs::write(&node.config, format!("{cfg}{camera}")).unwrap();
+    let sub = Sub::start(broker.port, "it-held-sub", &["attrd/it-held/results/#"], true).await;
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+
+    broker.stop();
+    let skus = skus("HELD", 3);
+    for sku in &skus {
+        let body = format!(r#"{{"sku": "{sku}", "cameras": ["front"]}}"#);
+        let (status, reply) = post_raw(node.http_port, "/v1/capture", body.as_bytes());
+        assert!(status < 300, "{status} {reply}");
+    }
+    for _ in 0..200 {
+        if node.log().matches("frame not stored yet").count() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(node.log().contains("frame not stored yet"), "the outbox is full:\n{}", node.log());
+
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(&node.config, text.replace("reconnect_max = \"500ms\"", "reconnect_max = \"600ms\"")).unwrap();
+    hup(&child);
+    for _ in 0..300 {
+        if node.log().matches("attrd ready").count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(node.log().contains("configuration reloaded"), "{}", node.log());
+    assert!(node.log().contains("the frame is held for the next run"), "{}", node.log());
+    assert!(node.log().contains("sending again the camera frames"), "{}", node.log());
+    assert!(node.log().contains("frame kept in the outbox database"), "{}", node.log());
+
+    child.kill().unwrap();
+    let _ = child.wait();
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+    assert!(node.log().contains("camera frames kept from before the restart are sent again"), "{}", node.log());
+
+    broker.restart();
+    let want: BTreeSet<String> = skus.iter().cloned().collect();
+    sub.wait_for("every frame's result after the reload", 90, |_| {
+        results_by_sku(&sub, &node.name).keys().cloned().collect::<BTreeSet<_>>() == want
+    })
+    .await;
+    for (sku, ids) in results_by_sku(&sub, &node.name) {
+        assert_eq!(ids.len(), 1, "{sku}: {ids:?}");
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the same process keeps running:\n{}", node.log());
+    assert!(!node.log().contains("they are lost") && !node.log().contains("dropped"), "{}", node.log());
+    child.kill().unwrap();
+    let _ = child.wait();
+}
+
 /// A fresh box bootstrapped from a bundle archive whose first activation failed (here: ONNX Runtime not found) must
 /// not be stuck: the archive is installed by then, and the next start activates the installed copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use attrd::outbox::{FullPolicy, NewMessage, Outbox, OutboxConfig, OutboxError};
+use attrd::outbox::{FullPolicy, KeptFrame, NewMessage, Outbox, OutboxConfig, OutboxError};
 use serde_json::json;
 
 fn cfg(dir: &Path) -> OutboxConfig {
@@ -238,6 +238,65 @@ async fn unusable_paths_give_clear_errors_and_the_process_goes_on() {
     assert_eq!(put(&o, 1).await.seq, 1);
 }
 
+fn frame(sku: &str, n: usize) -> KeptFrame {
+    KeptFrame {
+        camera: "front".into(),
+        sku: sku.into(),
+        jpeg: (0..n).map(|i| (i % 251) as u8).collect(),
+        captured_at: time::macros::datetime!(2026-12-07 03:04:05.123456789 UTC),
+        replayed: false,
+        retry_min: std::time::Duration::from_millis(250),
+        retry_max: std::time::Duration::from_secs(30),
+    }
+}
+
+/// Camera frames kept beside the results survive a reopen exactly as they were, apart from the results' limits,
+/// and leave only when released.
+#[tokio::test]
+async fn kept_frames_survive_a_reopen_until_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = OutboxConfig { max_messages: 1, ..cfg(dir.path()) };
+    let o = Outbox::open(&c).unwrap();
+    put(&o, 1).await;
+    assert!(matches!(o.enqueue("t/x".into(), json!({}), 1, false).await, Err(OutboxError::Full { .. })));
+    // A full outbox still keeps frames: they are what waits for room.
+    let a = o.keep_frame(frame("A", 3_000_000)).await.unwrap();
+    let b = o.keep_frame(KeptFrame { replayed: true, ..frame("B", 10) }).await.unwrap();
+    assert!(a < b);
+    assert_eq!(o.depth().messages, 1, "frames are not results");
+    drop(o);
+
+    let o = Outbox::open(&c).unwrap();
+    let kept = o.kept_frames().await.unwrap();
+    assert_eq!(kept, vec![(a, frame("A", 3_000_000)), (b, KeptFrame { replayed: true, ..frame("B", 10) })]);
+    o.release_frame(a).await.unwrap();
+    o.release_frame(a).await.unwrap(); // twice is harmless
+    drop(o);
+    let o = Outbox::open(&c).unwrap();
+    assert_eq!(
+        o.kept_frames().await.unwrap().iter().map(|(k, f)| (*k, f.sku.as_str())).collect::<Vec<_>>(),
+        [(b, "B")]
+    );
+    assert_eq!(o.next_batch(None, 10).await.unwrap().len(), 1, "the result is still there");
+}
+
+/// A database written by the previous release (schema 2, no frames table) is migrated in place, its results kept.
+#[tokio::test]
+async fn a_schema_2_outbox_is_migrated_and_keeps_its_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(dir.path());
+    let o = Outbox::open(&c).unwrap();
+    put(&o, 7).await;
+    drop(o);
+    let conn = rusqlite::Connection::open(&c.path).unwrap();
+    conn.execute_batch("DROP TABLE kept_frames; PRAGMA user_version = 2;").unwrap();
+    drop(conn);
+    let o = Outbox::open(&c).unwrap();
+    assert_eq!(o.next_batch(None, 10).await.unwrap()[0].payload["i"], 7);
+    let k = o.keep_frame(frame("C", 100)).await.unwrap();
+    assert_eq!(o.kept_frames().await.unwrap(), vec![(k, frame("C", 100))]);
+}
+
 #[tokio::test]
 async fn a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -245,7 +304,7 @@ async fn a_newer_schema_is_refused() {
     drop(Outbox::open(&c).unwrap());
     rusqlite_set_user_version(&c.path, 99);
     let err = Outbox::open(&c).unwrap_err();
-    assert!(matches!(err, OutboxError::SchemaTooNew { found: 99, supported: 2, .. }), "{err:?}");
+    assert!(matches!(err, OutboxError::SchemaTooNew { found: 99, supported: 3, .. }), "{err:?}");
 }
 
 /// Bumps `user_version` with the sqlite3 format's header field (offset 60, big-endian), without an SQLite client.

@@ -805,6 +805,35 @@ fn encode_with_libjpeg(img: &RgbImage, subsamp: turbojpeg::Subsamp, quality: i32
     c.compress_to_vec(image).unwrap()
 }
 
+/// What the 1/8 tests decoded, left where `scripts/check-jpeg-arm` asks (`ATTRD_DUMP_ONE_EIGHTH=DIR`), so that
+/// libjpeg-turbo's aarch64 build (NEON, where x86 runs SSE2/AVX2) can be held to the same pixels on emulated ARM.
+#[cfg(feature = "turbojpeg")]
+struct Dump {
+    dir: PathBuf,
+    index: std::fs::File,
+    n: usize,
+}
+
+#[cfg(feature = "turbojpeg")]
+impl Dump {
+    /// `None` unless asked for; `set` names this test's subdirectory (tests run in parallel).
+    fn from_env(set: &str) -> Option<Self> {
+        let dir = PathBuf::from(std::env::var_os("ATTRD_DUMP_ONE_EIGHTH")?).join(set);
+        std::fs::create_dir_all(&dir).unwrap();
+        let index = std::fs::File::create(dir.join("index.tsv")).unwrap();
+        Some(Dump { dir, index, n: 0 })
+    }
+
+    fn add(&mut self, name: &str, jpeg: &[u8], ours: &RgbImage) {
+        use std::io::Write;
+        self.n += 1;
+        let n = self.n;
+        std::fs::write(self.dir.join(format!("{n:04}.jpg")), jpeg).unwrap();
+        std::fs::write(self.dir.join(format!("{n:04}.rgb")), ours.as_raw()).unwrap();
+        writeln!(self.index, "{n:04}\t{}\t{}\t{name}", ours.width(), ours.height()).unwrap();
+    }
+}
+
 /// Every 1/8 decode attrd accepts is libjpeg-turbo's, byte for byte: real catalogue photos as the studio exported
 /// them, the same photos re-encoded in every chroma layout libjpeg writes (4:4:4, 4:2:2, 4:2:0, grey, 4:4:0, 4:1:1,
 /// 4:4:1) at qualities from 5 to 100 (long codes and large coefficients), restart markers, odd sizes, and a 24 MP
@@ -857,6 +886,7 @@ fn one_eighth_decoder_matches_libjpeg_turbo_to_the_bit() {
     }
     assert!(no_dht.len() < standard.len(), "the encoder wrote its tables");
     cases.push(("no DHT".into(), no_dht, true));
+    let mut dump = Dump::from_env("clean");
     let mut accepted = 0;
     for (name, jpeg, must) in &cases {
         let reference = libjpeg_one_eighth(jpeg).unwrap_or_else(|e| panic!("{name}: libjpeg-turbo: {e}"));
@@ -867,6 +897,9 @@ fn one_eighth_decoder_matches_libjpeg_turbo_to_the_bit() {
                 if ours != reference {
                     let (mean, max) = diff(&ours, &reference);
                     panic!("{name}: differs from libjpeg-turbo's 1/8 decode (mean {mean:.4}, max {max} levels)");
+                }
+                if let Some(d) = &mut dump {
+                    d.add(name, jpeg, &ours);
                 }
             }
             Err(reason) => assert!(!must, "{name}: declined ({reason})"),
@@ -933,6 +966,7 @@ fn one_eighth_decoder_declines_what_libjpeg_turbo_would_warn_about() {
         assert!(ours(&clean[..cut]).is_err(), "cut at {cut}");
     }
     // Differential: every single-byte change, and a bit flip, at a spread of offsets.
+    let mut dump = Dump::from_env("damaged");
     let (mut declined, mut same) = (0, 0);
     for jpeg in [&clean, &restart, &fixture("gray.jpg")] {
         for at in (2..jpeg.len() - 2).step_by(7) {
@@ -947,6 +981,9 @@ fn one_eighth_decoder_declines_what_libjpeg_turbo_would_warn_about() {
                         });
                         assert!(img == reference, "byte {at} = {value:#04x}: differs from libjpeg-turbo");
                         same += 1;
+                        if let Some(d) = &mut dump {
+                            d.add(&format!("byte {at} = {value:#04x}"), &bad, &img);
+                        }
                     }
                 }
             }
@@ -954,6 +991,16 @@ fn one_eighth_decoder_declines_what_libjpeg_turbo_would_warn_about() {
     }
     eprintln!("damaged files: {declined} declined, {same} accepted and identical to libjpeg-turbo");
     assert!(declined > 0 && same > 0);
+    // The fuzzer's finds are odder still (`tests/it/fuzz_corpus.rs` holds them to libjpeg-turbo on this machine).
+    if let Some(d) = &mut dump {
+        for entry in std::fs::read_dir(crate::common::repo().join("fuzz/corpus/one_eighth")).unwrap() {
+            let path = entry.unwrap().path();
+            let jpeg = std::fs::read(&path).unwrap();
+            if let Ok(img) = ours(&jpeg) {
+                d.add(&path.file_name().unwrap().to_string_lossy(), &jpeg, &img);
+            }
+        }
+    }
 }
 
 /// Through the public API a large photo takes the 1/8 decoder, and gets libjpeg-turbo's pixels.

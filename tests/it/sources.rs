@@ -6,13 +6,15 @@ use crate::common::fashion_rows;
 use crate::pipeline::{ack_all, cfg, engine, engine_cell, eventually, photos, reference_probs, top1};
 use attrd::bundle;
 use attrd::engine::postprocess;
+use attrd::outbox::{Outbox, OutboxConfig};
 use attrd::payload::{ResultPayload, SourceKind};
 use attrd::pipeline::{Finished, NotStored, Pipeline, PipelineConfig};
 use attrd::sources::fake::{FakeCamera, mjpeg_frame, rgb_to_yuyv};
 use attrd::sources::hotfolder::{HotfolderConfig, HotfolderSource};
 use attrd::sources::v4l2::{Frame, PixelFormat, frame_to_jpeg, yuyv_to_rgb};
 use attrd::sources::{
-    CameraSource, ShutdownSignal, Source, SourceConfig, SourceError, Trigger, V4l2Config, build, build_with, run_all,
+    CameraSource, HeldFrames, ShutdownSignal, Source, SourceConfig, SourceError, Trigger, V4l2Config, build,
+    build_with, run_all,
 };
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -461,6 +463,96 @@ async fn fake_camera_frames_become_results_and_an_unplugged_camera_is_reopened()
     assert_eq!(stats.durable, 3);
 }
 
+/// A camera frame exists nowhere else. One whose result cannot be stored yet (outbox full or unwritable) is kept in the
+/// outbox database (a real SQLite file) and held in memory when the sources stop for a reload; the next run of the
+/// sources, or the next process, sends it again as the same photo (SKU, camera, capture time) until it is stored, and
+/// then releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_frames_not_stored_yet_are_kept_across_reloads_and_restarts() {
+    let photo = image::open(&photos(1)[0]).unwrap().to_rgb8();
+    let (cam, _ctl) = FakeCamera::new("fake0", vec![mjpeg_frame(&photo, 90).unwrap()]);
+    let cam_cfg = V4l2Config {
+        device: "/dev/fake0".into(),
+        name: Some("cam-a".into()),
+        retry_min: Duration::from_millis(50),
+        retry_max: Duration::from_millis(100),
+        ..V4l2Config::default()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox =
+        Outbox::open(&OutboxConfig { path: tmp.path().join("outbox.sqlite3"), ..OutboxConfig::default() }).unwrap();
+    let held = HeldFrames::default();
+    assert_eq!(held.attach(&outbox).await.unwrap(), 0);
+    let (trig, trig_rx) = mpsc::channel(4);
+    let camera = CameraSource::new(cam_cfg, Box::new(cam), Some(trig_rx)).unwrap().holding(held.clone());
+
+    // The outbox refuses everything for now; each refusal is counted per SKU.
+    let refusing = |mut rx: mpsc::Receiver<Finished>| {
+        tokio::spawn(async move {
+            let mut seen: Vec<ResultPayload> = Vec::new();
+            while let Some(f) = rx.recv().await {
+                f.durable.send(Err(NotStored::Later("the outbox is full".into()))).unwrap();
+                seen.push(f.payload);
+            }
+            seen
+        })
+    };
+    let (out, out_rx) = mpsc::channel::<Finished>(8);
+    let first = refusing(out_rx);
+    let run = Running::start(vec![Box::new(camera)], cfg(), out);
+    for sku in ["HELD-1", "HELD-2"] {
+        trig.send(Trigger { sku: sku.into() }).await.unwrap();
+    }
+    // Let each frame be refused and sent again a few times.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    run.stop().await;
+    let seen = first.await.unwrap();
+    for sku in ["HELD-1", "HELD-2"] {
+        assert!(seen.iter().filter(|p| p.sku == sku).count() >= 2, "{sku} was tried again");
+    }
+    let captured: Vec<_> =
+        ["HELD-1", "HELD-2"].iter().map(|sku| seen.iter().find(|p| p.sku == *sku).unwrap().captured_at).collect();
+    assert_eq!(held.len(), 2, "both frames are held, none dropped");
+    let kept = outbox.kept_frames().await.unwrap();
+    let mut kept: Vec<&str> = kept.iter().map(|(_, f)| f.sku.as_str()).collect();
+    kept.sort_unstable();
+    assert_eq!(kept, ["HELD-1", "HELD-2"], "kept once each");
+    assert_eq!(held.attach(&outbox).await.unwrap(), 0, "frames held in memory are not taken in twice");
+
+    // The next run refuses too and is stopped: the frames are held again.
+    let (out, out_rx) = mpsc::channel::<Finished>(8);
+    let second = refusing(out_rx);
+    let run = Running::start(vec![held.source().expect("frames are held")], cfg(), out);
+    assert!(held.is_empty(), "taken out while they are sent");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    run.stop().await;
+    assert!(second.await.unwrap().len() >= 2);
+    assert_eq!(held.len(), 2, "held again");
+    assert_eq!(outbox.kept_frames().await.unwrap().len(), 2);
+
+    // A new process (its memory empty) takes the kept frames in from the database. Once results can be stored, each
+    // frame becomes one result, as the photo it was, and is released.
+    drop(outbox);
+    let outbox =
+        Outbox::open(&OutboxConfig { path: tmp.path().join("outbox.sqlite3"), ..OutboxConfig::default() }).unwrap();
+    let held = HeldFrames::default();
+    assert_eq!(held.attach(&outbox).await.unwrap(), 2);
+    let (out, mut out_rx) = mpsc::channel::<Finished>(8);
+    let run = Running::start(vec![held.source().unwrap()], cfg(), out);
+    let mut results = [next(&mut out_rx).await, next(&mut out_rx).await];
+    results.sort_by(|a, b| a.sku.cmp(&b.sku));
+    let stats = run.stop().await;
+    assert_eq!(stats.durable, 2);
+    assert!(held.is_empty() && held.source().is_none());
+    assert!(outbox.kept_frames().await.unwrap().is_empty(), "released once stored");
+    for (r, (sku, at)) in results.iter().zip(["HELD-1", "HELD-2"].into_iter().zip(captured)) {
+        assert_eq!(r.sku, sku);
+        assert_eq!(r.source.camera.as_deref(), Some("cam-a"));
+        assert_eq!(r.source.kind, SourceKind::Fake);
+        assert_eq!(r.captured_at, at, "the capture time of the frame, not of its resend");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_folder_and_an_interval_camera_run_side_by_side() {
     let tmp = tempfile::tempdir().unwrap();
@@ -479,12 +571,12 @@ async fn a_hot_folder_and_an_interval_camera_run_side_by_side() {
     ];
     // Without the `v4l2` feature a real camera is a clear start-up error naming it.
     #[cfg(not(feature = "v4l2"))]
-    match build(&cfgs) {
+    match build(&cfgs, &HeldFrames::default()) {
         Err(e @ SourceError::V4l2Unavailable { .. }) => assert!(e.to_string().contains("/dev/video7"), "{e}"),
         other => panic!("{other:?}"),
     }
     let photo = image::open(&p[1]).unwrap().to_rgb8();
-    let built = build_with(&cfgs, |_| {
+    let built = build_with(&cfgs, &HeldFrames::default(), |_| {
         Ok(Box::new(FakeCamera::new("video7", vec![mjpeg_frame(&photo, 85).unwrap()]).0)
             as Box<dyn attrd::sources::FrameGrabber>)
     })
@@ -505,7 +597,7 @@ async fn a_hot_folder_and_an_interval_camera_run_side_by_side() {
     assert!(hot.join("done/HF_1.jpg").is_file());
     // Duplicate names are refused.
     let dup = vec![SourceConfig::Hotfolder(hot_cfg(&hot)), SourceConfig::Hotfolder(hot_cfg(&hot))];
-    assert!(matches!(build(&dup), Err(SourceError::DuplicateName(_))));
+    assert!(matches!(build(&dup, &HeldFrames::default()), Err(SourceError::DuplicateName(_))));
 }
 
 /// Several cameras on one box: one trigger for a SKU fires every camera, and with a fusion window their shots
@@ -517,7 +609,7 @@ async fn two_cameras_triggered_together_are_fused_into_one_result() {
     let side = image::open(&p[1]).unwrap().to_rgb8();
     let cam = |dev: &str| SourceConfig::V4l2(V4l2Config { device: dev.into(), name: None, ..V4l2Config::default() });
     let cfgs = vec![cam("/dev/video0"), cam("/dev/video2")];
-    let built = build_with(&cfgs, |c| {
+    let built = build_with(&cfgs, &HeldFrames::default(), |c| {
         let (id, frame) = match c.device.to_string_lossy().as_ref() {
             "/dev/video0" => ("video0", mjpeg_frame(&front, 90).unwrap()),
             _ => ("video2", rgb_to_yuyv(&side)),
