@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use attrd::mqtt::{Connection, MqttConfig, Publisher};
-use attrd::outbox::{NewMessage, Outbox, OutboxConfig};
+use attrd::outbox::{CoveredFile, FileVersion, NewMessage, Outbox, OutboxConfig};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use tokio::sync::watch;
@@ -32,10 +32,12 @@ struct Args {
     group: usize,
     in_flight: u16,
     rounds: usize,
+    /// Hot-folder files each result records as covered (1: as from a hot folder; 0: as from a camera).
+    covers: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let mut a = Args { messages: 20_000, group: 64, in_flight: 64, rounds: 2 };
+    let mut a = Args { messages: 20_000, group: 64, in_flight: 64, rounds: 2, covers: 1 };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut it = args.into_iter();
     while let Some(flag) = it.next() {
@@ -45,8 +47,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--group" => a.group = val()?.parse()?,
             "--in-flight" => a.in_flight = val()?.parse()?,
             "--rounds" => a.rounds = val()?.parse()?,
+            "--covers" => a.covers = val()?.parse()?,
             other => bail!(
-                "unknown argument {other}; usage: cargo bench --bench mqtt -- [--messages N] [--group G] [--in-flight W] [--rounds R]"
+                "unknown argument {other}; usage: cargo bench --bench mqtt -- [--messages N] [--group G] [--in-flight W] \
+                 [--rounds R] [--covers C]"
             ),
         }
     }
@@ -193,7 +197,7 @@ impl Drop for Subscriber {
 fn report(side: &str, args: &Args, round: usize, took: Duration, received: (usize, usize), extra: serde_json::Value) {
     let mut line = json!({
         "impl": side, "round": round, "messages": args.messages, "in_flight": args.in_flight,
-        "seconds": took.as_secs_f64(), "per_s": args.messages as f64 / took.as_secs_f64(),
+        "seconds": took.as_secs_f64(), "per_s": args.messages as f64 / took.as_secs_f64(), "covers": args.covers,
         "distinct_received": received.0, "duplicates": received.1 - received.0,
         "lost": args.messages - received.0.min(args.messages),
         "payload_bytes": payload(0).to_string().len(),
@@ -230,6 +234,13 @@ async fn run_outbox(args: &Args, broker: &Broker, round: usize, group: usize) ->
                 qos: 1,
                 retain: false,
                 message_id: message_id(i),
+                // As from a hot folder: the result records the file it covers in the same transaction.
+                covers: (0..args.covers)
+                    .map(|k| CoveredFile {
+                        path: format!("/var/lib/attrd/hotfolder/SKU{i:07}_{k}.jpg").into(),
+                        version: FileVersion { dev: 2049, ino: (i * 8 + k) as u64, len: 350_000, mtime_ns: 1 << 60 },
+                    })
+                    .collect(),
             })
         })
         .collect::<anyhow::Result<_>>()?;

@@ -6,7 +6,9 @@
 //! [`Outbox::depth`] are kept by that thread, so status and metrics never touch the database.
 //!
 //! Beside the results it keeps camera frames whose results could not be stored yet ([`KeptFrame`]): a frame
-//! exists nowhere else, so this is where it outlives the process.
+//! exists nowhere else, so this is where it outlives the process. And with each result it records the hot-folder
+//! files the result covers ([`CoveredFile`]), in the same transaction, so that a file a crash left in its folder after
+//! its result was stored is filed at the next start instead of being processed into a second result.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
@@ -22,6 +24,9 @@ use uuid::Uuid;
 
 /// Schema version written to `PRAGMA user_version`; `open` migrates older files step by step.
 const SCHEMA_VERSION: i64 = 3;
+/// Covered-file records kept (the newest): a record only matters between its result's commit and its file's move to
+/// `done/`, and a crash leaves at most the few results committed just before it unfiled.
+pub const COVERED_FILES_KEPT: i64 = 10_000;
 /// Upper bound of operations committed in one transaction, so one reply never waits behind an unbounded burst.
 const MAX_GROUP: usize = 512;
 /// How often the "outbox full" alarm may be logged.
@@ -183,6 +188,31 @@ pub struct NewMessage {
     pub retain: bool,
     /// The message's id; a waiting message with the same id is returned instead of adding another.
     pub message_id: Uuid,
+    /// The hot-folder files it is the result of, recorded in the same transaction ([`Outbox::covered_files`]).
+    pub covers: Vec<CoveredFile>,
+}
+
+/// Which version of a file was read: its device and inode, length and modification time. A file replaced under the
+/// same name (written again, or another renamed over it) has another version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileVersion {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+/// A hot-folder file a stored result covers: the file, in the version that was read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CoveredFile {
+    /// Its path in the hot folder.
+    pub path: PathBuf,
+    /// The version that was read.
+    pub version: FileVersion,
 }
 
 /// One stored message, as replayed to the broker.
@@ -305,6 +335,10 @@ enum Op {
     KeptFrames {
         reply: oneshot::Sender<Result<Vec<(i64, KeptFrame)>, OutboxError>>,
     },
+    Covered {
+        dir: PathBuf,
+        reply: oneshot::Sender<Result<Vec<(CoveredFile, Uuid)>, OutboxError>>,
+    },
 }
 
 impl Op {
@@ -312,7 +346,11 @@ impl Op {
     fn size(&self) -> usize {
         match self {
             Op::Writes(w) => w.len().max(1),
-            Op::Batch { .. } | Op::KeepFrame { .. } | Op::ReleaseFrame { .. } | Op::KeptFrames { .. } => 1,
+            Op::Batch { .. }
+            | Op::KeepFrame { .. }
+            | Op::ReleaseFrame { .. }
+            | Op::KeptFrames { .. }
+            | Op::Covered { .. } => 1,
         }
     }
 }
@@ -324,6 +362,7 @@ enum Write {
         qos: u8,
         retain: bool,
         message_id: Uuid,
+        covers: Vec<CoveredFile>,
         reply: oneshot::Sender<Result<Enqueued, OutboxError>>,
     },
     Ack {
@@ -388,7 +427,7 @@ impl Outbox {
         retain: bool,
         message_id: Uuid,
     ) -> Result<Enqueued, OutboxError> {
-        let msg = NewMessage { topic, payload, qos, retain, message_id };
+        let msg = NewMessage { topic, payload, qos, retain, message_id, covers: Vec::new() };
         let mut results = self.enqueue_many(vec![msg]).await;
         results.pop().unwrap_or(Err(OutboxError::Closed))
     }
@@ -405,9 +444,9 @@ impl Outbox {
         let mut replies = Vec::with_capacity(msgs.len());
         for m in msgs {
             match validate(m) {
-                Ok((topic, payload, qos, retain, message_id)) => {
+                Ok((topic, payload, qos, retain, message_id, covers)) => {
                     let (reply, rx) = oneshot::channel();
-                    writes.push(Write::Enqueue { topic, payload, qos, retain, message_id, reply });
+                    writes.push(Write::Enqueue { topic, payload, qos, retain, message_id, covers, reply });
                     replies.push(Ok(rx));
                 }
                 Err(e) => replies.push(Err(e)),
@@ -462,6 +501,14 @@ impl Outbox {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
+    /// The hot-folder files under `dir` (its direct children) that stored results cover, with the version read and
+    /// the result's `message_id`, oldest first. Blocking: for the hot folder's own thread, not an async task.
+    pub fn covered_files_blocking(&self, dir: &Path) -> Result<Vec<(CoveredFile, Uuid)>, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Covered { dir: dir.to_owned(), reply })?;
+        rx.blocking_recv().map_err(|_| OutboxError::Closed)?
+    }
+
     /// Current fill level, from counters kept in memory (no database access).
     pub fn depth(&self) -> Stats {
         let c = *self.inner.shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
@@ -487,7 +534,7 @@ impl Outbox {
     }
 }
 
-type Validated = (String, serde_json::Map<String, serde_json::Value>, u8, bool, Uuid);
+type Validated = (String, serde_json::Map<String, serde_json::Value>, u8, bool, Uuid, Vec<CoveredFile>);
 
 fn validate(m: NewMessage) -> Result<Validated, OutboxError> {
     if m.qos > 2 {
@@ -498,7 +545,7 @@ fn validate(m: NewMessage) -> Result<Validated, OutboxError> {
         return Err(OutboxError::InvalidTopic(topic));
     }
     match m.payload {
-        serde_json::Value::Object(p) => Ok((topic, p, m.qos, m.retain, m.message_id)),
+        serde_json::Value::Object(p) => Ok((topic, p, m.qos, m.retain, m.message_id, m.covers)),
         other => Err(OutboxError::NotAnObject(json_kind(&other))),
     }
 }
@@ -566,7 +613,16 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), OutboxError> {
     }
     if version < 3 {
         tx.execute_batch(
-            "CREATE TABLE kept_frames (
+            "CREATE TABLE covered_files (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 path BLOB NOT NULL,
+                 dev INTEGER NOT NULL,
+                 ino INTEGER NOT NULL,
+                 len INTEGER NOT NULL,
+                 mtime_ns INTEGER NOT NULL,
+                 message_id TEXT NOT NULL
+             );
+             CREATE TABLE kept_frames (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
                  camera TEXT NOT NULL,
                  sku TEXT NOT NULL,
@@ -681,6 +737,10 @@ impl Worker {
                         self.commit_writes(std::mem::take(&mut writes));
                         let _ = reply.send(self.kept_frames());
                     }
+                    Op::Covered { dir, reply } => {
+                        self.commit_writes(std::mem::take(&mut writes));
+                        let _ = reply.send(self.covered(&dir));
+                    }
                 }
             }
             self.commit_writes(writes);
@@ -703,6 +763,30 @@ impl Worker {
                 |r| r.get(0),
             )?;
         Ok(id)
+    }
+
+    fn covered(&self, dir: &Path) -> Result<Vec<(CoveredFile, Uuid)>, OutboxError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT path, dev, ino, len, mtime_ns, message_id FROM covered_files ORDER BY id")?;
+        let rows = stmt.query_map([], |r| {
+            let (path, dev, ino, len): (Vec<u8>, i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+            Ok((path, [dev, ino, len], r.get::<_, i64>(4)?, r.get::<_, String>(5)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (path, [dev, ino, len], mtime_ns, id) = row?;
+            let path = path_from_bytes(path);
+            // A record that does not decode is skipped: its file is processed again, as without a record.
+            let Ok(id) = Uuid::parse_str(&id) else { continue };
+            if path.parent() != Some(dir) {
+                continue;
+            }
+            // Stored as SQLite's signed integers; the casts undo `record_covers`' (the same 64 bits).
+            let version = FileVersion { dev: dev as u64, ino: ino as u64, len: len as u64, mtime_ns };
+            out.push((CoveredFile { path, version }, id));
+        }
+        Ok(out)
     }
 
     fn kept_frames(&self) -> Result<Vec<(i64, KeptFrame)>, OutboxError> {
@@ -786,6 +870,7 @@ impl Worker {
         let mut counters = self.counters;
         let mut pending = Vec::with_capacity(writes.len());
         let mut enqueued = 0u64;
+        let mut covered = 0usize;
         let mut rest = writes.into_iter();
         let outcome = (|| -> Result<(), rusqlite::Error> {
             let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -793,7 +878,7 @@ impl Worker {
             let mut deleted_any = false;
             for op in rest.by_ref() {
                 match op {
-                    Write::Enqueue { topic, payload, qos, retain, message_id, reply } => {
+                    Write::Enqueue { topic, payload, qos, retain, message_id, covers, reply } => {
                         pending.push(Pending::Enqueued(reply, None));
                         let r = insert(
                             &tx,
@@ -809,6 +894,9 @@ impl Worker {
                         )?;
                         deleted_any |= r.as_ref().is_ok_and(|e| e.dropped > 0);
                         enqueued += u64::from(r.is_ok());
+                        if r.is_ok() {
+                            covered += record_covers(&tx, &covers, message_id)?;
+                        }
                         if let Some(Pending::Enqueued(_, verdict)) = pending.last_mut() {
                             *verdict = Some(r);
                         }
@@ -828,6 +916,10 @@ impl Worker {
                 }
             }
             tx.execute("UPDATE meta SET value = ?1 WHERE key = 'next_seq'", [next_seq])?;
+            if covered > 0 {
+                tx.prepare_cached("DELETE FROM covered_files WHERE id <= (SELECT max(id) FROM covered_files) - ?1")?
+                    .execute([COVERED_FILES_KEPT])?;
+            }
             if deleted_any || counters.oldest_ms.is_none() {
                 counters.oldest_ms = oldest_ms(&tx)?;
             }
@@ -875,6 +967,51 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// Records the files a stored message covers, inside its transaction; how many.
+fn record_covers(tx: &rusqlite::Transaction<'_>, covers: &[CoveredFile], message_id: Uuid) -> rusqlite::Result<usize> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO covered_files (path, dev, ino, len, mtime_ns, message_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for c in covers {
+        let v = c.version;
+        // SQLite integers are signed 64-bit: the u64 fields are stored bit for bit and read back the same way.
+        stmt.execute(params![
+            path_bytes(&c.path),
+            v.dev as i64,
+            v.ino as i64,
+            v.len as i64,
+            v.mtime_ns,
+            message_id.to_string()
+        ])?;
+    }
+    Ok(covers.len())
+}
+
+/// A path's bytes as the OS has them (Unix paths need not be UTF-8).
+fn path_bytes(p: &Path) -> Vec<u8> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        p.as_os_str().as_bytes().to_vec()
+    }
+    #[cfg(not(unix))]
+    {
+        p.to_string_lossy().into_owned().into_bytes()
+    }
+}
+
+fn path_from_bytes(b: Vec<u8>) -> PathBuf {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStringExt;
+        PathBuf::from(std::ffi::OsString::from_vec(b))
+    }
+    #[cfg(not(unix))]
+    {
+        PathBuf::from(String::from_utf8_lossy(&b).into_owned())
     }
 }
 

@@ -20,6 +20,7 @@
 
 use crate::engine::{Attributes, Engine, EngineError, postprocess};
 use crate::metrics::{ErrorKind, Metrics};
+use crate::outbox::CoveredFile;
 use crate::payload::{Latency, ModelInfo, ResultPayload, SCHEMA_VERSION, ViewResult, ms};
 use crate::preprocess::{Limits, Preprocessor};
 use crate::sources::{Origin, Shot, ShotOutcome, error_chain};
@@ -97,6 +98,8 @@ pub enum PipelineError {
 #[derive(Debug)]
 pub struct Finished {
     pub payload: ResultPayload,
+    /// The hot-folder files (in the versions read) the result covers, for the outbox to record with it.
+    pub covers: Vec<CoveredFile>,
     pub durable: oneshot::Sender<Result<(), NotStored>>,
 }
 
@@ -534,9 +537,10 @@ async fn emit(
     out: &mpsc::Sender<Finished>,
     waiters: &mut JoinSet<()>,
 ) {
+    let covers = views.iter().filter_map(|v| v.meta.origin.covered_file()).collect();
     let (payload, dones) = build_payload(node, views);
     let (durable, answer) = oneshot::channel();
-    let finished = Finished { payload, durable };
+    let finished = Finished { payload, covers, durable };
     if let Err(mpsc::error::SendError(f)) = out.send(finished).await {
         tracing::error!(sku = %f.payload.sku, "the outbox is gone; result not stored");
         for d in dones {

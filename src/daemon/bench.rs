@@ -208,7 +208,7 @@ async fn run_async(opts: BenchOptions) -> Result<BenchReport> {
                     sku,
                     bytes,
                     time::OffsetDateTime::now_utc(),
-                    Origin::Hotfolder { source: "bench".into(), path: path.clone() },
+                    Origin::Hotfolder { source: "bench".into(), path: path.clone(), version: None },
                 );
                 if shots.send(shot).await.is_err() {
                     bail!("the pipeline stopped");

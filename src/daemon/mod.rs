@@ -160,7 +160,7 @@ async fn serve(
     let writer =
         tokio::spawn(outbox_writer(finished_rx, outbox.clone(), topics.clone(), metrics.clone(), heartbeat.clone()));
 
-    let mut built = sources::build(&cfg.sources, held).context("configuring sources")?;
+    let mut built = sources::build(&cfg.sources, held, Some(&outbox)).context("configuring sources")?;
     built.sources.extend(held.source());
     let triggers = built.triggers;
     let stop_sources = ShutdownSignal::new();
@@ -398,7 +398,14 @@ async fn outbox_writer(
             // Neither refusal can change on a retry.
             let msg = topics.result(&f.payload.sku).map_err(|e| NotStored::Never(e.to_string())).and_then(|topic| {
                 let payload = serde_json::to_value(&f.payload).map_err(|e| NotStored::Never(e.to_string()))?;
-                Ok(NewMessage { topic, payload, qos: 1, retain: false, message_id: result_id(f) })
+                Ok(NewMessage {
+                    topic,
+                    payload,
+                    qos: 1,
+                    retain: false,
+                    message_id: result_id(f),
+                    covers: f.covers.clone(),
+                })
             });
             prepared.push(match msg {
                 Ok(m) => {

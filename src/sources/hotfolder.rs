@@ -11,6 +11,7 @@
 //! the async runtime without shuttling state in and out of `spawn_blocking`.
 
 use super::{Origin, Shot, ShotOutcome, Shutdown, Source, SourceError, SourceFuture, backoff};
+use crate::outbox::{FileVersion, Outbox};
 use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
 use notify::{RecursiveMode, Watcher};
 use regex::Regex;
@@ -128,6 +129,7 @@ pub struct HotfolderSource {
     name: String,
     pattern: SkuPattern,
     extensions: Vec<String>,
+    outbox: Option<Outbox>,
 }
 
 impl HotfolderSource {
@@ -153,7 +155,15 @@ impl HotfolderSource {
         }
         let extensions =
             cfg.extensions.iter().map(|e| e.trim_start_matches('.').to_ascii_lowercase()).collect::<Vec<_>>();
-        Ok(HotfolderSource { cfg, name, pattern, extensions })
+        Ok(HotfolderSource { cfg, name, pattern, extensions, outbox: None })
+    }
+
+    /// At start-up, files whose results the outbox already stores (a crash came between the result's commit and the
+    /// file's move, see [`Outbox::covered_files_blocking`]) are filed to `done/` instead of being processed again:
+    /// a photo fused with others would otherwise produce a second result, with another `message_id`.
+    pub fn with_outbox(mut self, outbox: Outbox) -> Self {
+        self.outbox = Some(outbox);
+        self
     }
 }
 
@@ -227,6 +237,16 @@ impl Stamp {
     fn of(meta: &std::fs::Metadata) -> Self {
         Stamp { id: file_id(meta), len: meta.len(), mtime: meta.modified().ok() }
     }
+
+    /// As the outbox records it; `None` without an inode or a modification time.
+    fn version(&self) -> Option<FileVersion> {
+        let (dev, ino) = self.id?;
+        let mtime_ns = match self.mtime?.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_nanos()).ok()?,
+            Err(before) => -i64::try_from(before.duration().as_nanos()).ok()?,
+        };
+        Some(FileVersion { dev, ino, len: self.len, mtime_ns })
+    }
 }
 
 struct WatchHandle {
@@ -253,6 +273,9 @@ struct Folder {
     next_rescan: Instant,
     next_dir_check: Instant,
     tick: Duration,
+    /// Files results were stored for by an earlier process, by path (see [`HotfolderSource::with_outbox`]);
+    /// consulted once per path, at the file's first dispatch.
+    stored: std::collections::HashMap<PathBuf, Vec<(FileVersion, uuid::Uuid)>>,
 }
 
 impl Folder {
@@ -276,6 +299,7 @@ impl Folder {
             next_rescan: now,
             next_dir_check: now,
             tick,
+            stored: Default::default(),
         }
     }
 
@@ -289,6 +313,18 @@ impl Folder {
 
     fn run(mut self) {
         tracing::info!(source = %self.name(), dir = %self.dir().display(), "watching hot folder");
+        if let Some(outbox) = &self.src.outbox {
+            match outbox.covered_files_blocking(&self.src.cfg.dir) {
+                Ok(records) => {
+                    for (file, message_id) in records {
+                        self.stored.entry(file.path).or_default().push((file.version, message_id));
+                    }
+                }
+                // Without the records a file a crash left behind is processed again, as it was before they existed.
+                Err(e) => tracing::error!(source = %self.name(), error = %super::error_chain(&e),
+                    "cannot read which files the outbox's results cover; files left by a crash are processed again"),
+            }
+        }
         loop {
             if self.tx.is_some() && self.shutdown.is_triggered() {
                 // Stop taking new files; in-flight ones are still finished so their files get moved.
@@ -678,6 +714,14 @@ impl Folder {
                 self.finish(&path, Dest::Failed, Some(reason));
                 continue;
             }
+            if let Some(records) = self.stored.remove(&path)
+                && let Some(message_id) = self.stored_result(&path, &records)
+            {
+                tracing::info!(source = %self.src.name, path = %path.display(), %message_id,
+                    "the file's result was stored before the restart; filing it without processing it again");
+                self.finish(&path, Dest::Done, None);
+                continue;
+            }
             let permit = match tx.try_reserve() {
                 Ok(p) => p,
                 Err(mpsc::error::TrySendError::Full(())) => return,
@@ -694,7 +738,11 @@ impl Folder {
                         sku.clone(),
                         bytes,
                         captured_at,
-                        Origin::Hotfolder { source: self.src.name.clone(), path: path.clone() },
+                        Origin::Hotfolder {
+                            source: self.src.name.clone(),
+                            path: path.clone(),
+                            version: stamp.version(),
+                        },
                     );
                     tracing::debug!(source = %self.src.name, path = %path.display(), %sku, "file sent");
                     permit.send(shot);
@@ -728,6 +776,14 @@ impl Folder {
                 }
             }
         }
+    }
+}
+
+impl Folder {
+    /// The `message_id` of a stored result that covers the file at `path` as it is now.
+    fn stored_result(&self, path: &Path, records: &[(FileVersion, uuid::Uuid)]) -> Option<uuid::Uuid> {
+        let now = Stamp::of(&std::fs::symlink_metadata(path).ok()?).version()?;
+        records.iter().find(|(v, _)| *v == now).map(|(_, id)| *id)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod fake;
 pub mod hotfolder;
 pub mod v4l2;
 
+use crate::outbox::{CoveredFile, FileVersion, Outbox};
 use crate::payload::{SourceInfo, SourceKind};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -45,8 +46,9 @@ impl SourceConfig {
 /// Where a shot came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
-    /// A file in a hot folder: the folder's `name` and the file's path when it was read.
-    Hotfolder { source: String, path: PathBuf },
+    /// A file in a hot folder: the folder's `name`, the file's path when it was read and the version read (`None`
+    /// where the platform gives no inode).
+    Hotfolder { source: String, path: PathBuf, version: Option<FileVersion> },
     /// A V4L2 camera.
     V4l2 { camera: String },
     /// An HTTP upload; `client` is the peer address when known.
@@ -71,6 +73,16 @@ impl Origin {
             Origin::V4l2 { .. } => SourceKind::V4l2,
             Origin::Http { .. } => SourceKind::Http,
             Origin::Fake { .. } => SourceKind::Fake,
+        }
+    }
+
+    /// The hot-folder file this is, in the version read: what a stored result records as covered.
+    pub fn covered_file(&self) -> Option<CoveredFile> {
+        match self {
+            Origin::Hotfolder { path, version: Some(version), .. } => {
+                Some(CoveredFile { path: path.clone(), version: *version })
+            }
+            _ => None,
         }
     }
 
@@ -227,10 +239,12 @@ impl std::fmt::Debug for Sources {
 const TRIGGER_QUEUE: usize = 16;
 
 /// Builds every configured source, validating all of them first. V4L2 cameras get the grabber `grabbers` makes,
-/// and leave frames not stored yet when they stop in `held`.
+/// and leave frames not stored yet when they stop in `held`; hot folders file what `outbox` already has results
+/// for ([`HotfolderSource::with_outbox`]).
 pub fn build_with(
     configs: &[SourceConfig],
     held: &HeldFrames,
+    outbox: Option<&Outbox>,
     mut grabbers: impl FnMut(&V4l2Config) -> Result<Box<dyn FrameGrabber>, SourceError>,
 ) -> Result<Sources, SourceError> {
     let mut out = Sources { sources: Vec::new(), triggers: BTreeMap::new() };
@@ -241,7 +255,13 @@ pub fn build_with(
             return Err(SourceError::DuplicateName(name));
         }
         match cfg {
-            SourceConfig::Hotfolder(c) => out.sources.push(Box::new(HotfolderSource::new(c.clone())?)),
+            SourceConfig::Hotfolder(c) => {
+                let mut h = HotfolderSource::new(c.clone())?;
+                if let Some(o) = outbox {
+                    h = h.with_outbox(o.clone());
+                }
+                out.sources.push(Box::new(h));
+            }
             SourceConfig::V4l2(c) => {
                 let (tx, rx) = mpsc::channel(TRIGGER_QUEUE);
                 let grabber = grabbers(c)?;
@@ -254,8 +274,8 @@ pub fn build_with(
 }
 
 /// [`build_with`] using real V4L2 devices for cameras (or their `replay` directories).
-pub fn build(configs: &[SourceConfig], held: &HeldFrames) -> Result<Sources, SourceError> {
-    build_with(configs, held, v4l2::grabber)
+pub fn build(configs: &[SourceConfig], held: &HeldFrames, outbox: Option<&Outbox>) -> Result<Sources, SourceError> {
+    build_with(configs, held, outbox, v4l2::grabber)
 }
 
 /// Runs sources concurrently until all of them end (after shutdown). A source that panics is logged; the others

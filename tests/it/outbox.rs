@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use attrd::outbox::{FullPolicy, KeptFrame, NewMessage, Outbox, OutboxConfig, OutboxError};
+use attrd::outbox::{CoveredFile, FileVersion, FullPolicy, KeptFrame, NewMessage, Outbox, OutboxConfig, OutboxError};
 use serde_json::json;
 
 fn cfg(dir: &Path) -> OutboxConfig {
@@ -117,6 +117,7 @@ async fn enqueue_many_judges_each_message_and_commits_the_rest_together() {
         qos: 1,
         retain: false,
         message_id: uuid::Uuid::from_u128(id),
+        covers: Vec::new(),
     };
     let first = o.enqueue_with_id("attrd/it/results/a".into(), json!({"i": 0}), 1, false, uuid::Uuid::from_u128(1));
     let first = first.await.unwrap();
@@ -280,7 +281,65 @@ async fn kept_frames_survive_a_reopen_until_released() {
     assert_eq!(o.next_batch(None, 10).await.unwrap().len(), 1, "the result is still there");
 }
 
-/// A database written by the previous release (schema 2, no frames table) is migrated in place, its results kept.
+fn covered(dir: &Path, name: &str, ino: u64) -> CoveredFile {
+    CoveredFile { path: dir.join(name), version: FileVersion { dev: u64::MAX - 1, ino, len: 1 << 40, mtime_ns: -5 } }
+}
+
+/// The hot-folder files a result covers are recorded in its transaction: with the result, also when it was stored
+/// before (same `message_id`), never with a refused one; read back per folder, across a reopen; only the newest
+/// `COVERED_FILES_KEPT` are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn covered_files_are_recorded_with_their_result_and_pruned_to_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = OutboxConfig { max_messages: 2, ..cfg(dir.path()) };
+    let o = Outbox::open(&c).unwrap();
+    let (hot, other) = (Path::new("/srv/hot"), Path::new("/srv/other"));
+    let msg = |id: u128, covers: Vec<CoveredFile>| NewMessage {
+        topic: format!("attrd/it/results/s{id}"),
+        payload: json!({"i": id as u64}),
+        qos: 1,
+        retain: false,
+        message_id: uuid::Uuid::from_u128(id),
+        covers,
+    };
+    let a = vec![covered(hot, "A_front.jpg", 1), covered(hot, "A_side.jpg", 2), covered(other, "A.jpg", 3)];
+    o.enqueue_many(vec![msg(1, a.clone())]).await.pop().unwrap().unwrap();
+    // The same result again (its photo processed twice) records the file again; still one message.
+    o.enqueue_many(vec![msg(1, vec![covered(hot, "A_back.jpg", 4)])]).await.pop().unwrap().unwrap();
+    o.enqueue_many(vec![msg(2, vec![])]).await.pop().unwrap().unwrap();
+    // Refused (full): nothing of it is recorded.
+    let refused = o.enqueue_many(vec![msg(3, vec![covered(hot, "B.jpg", 5)])]).await.pop().unwrap();
+    assert!(matches!(refused, Err(OutboxError::Full { .. })), "{refused:?}");
+    assert_eq!(o.depth().messages, 2);
+    drop(o);
+
+    let o = Outbox::open(&c).unwrap();
+    let in_hot = tokio::task::block_in_place(|| o.covered_files_blocking(hot)).unwrap();
+    let id1 = uuid::Uuid::from_u128(1);
+    assert_eq!(
+        in_hot,
+        vec![(a[0].clone(), id1), (a[1].clone(), id1), (covered(hot, "A_back.jpg", 4), id1)],
+        "u64 and negative fields come back bit for bit"
+    );
+    let in_other = tokio::task::block_in_place(|| o.covered_files_blocking(other)).unwrap();
+    assert_eq!(in_other, vec![(a[2].clone(), id1)]);
+    assert!(tokio::task::block_in_place(|| o.covered_files_blocking(Path::new("/srv"))).unwrap().is_empty());
+
+    // Pruned to the newest in the same transaction.
+    for e in o.next_batch(None, 10).await.unwrap() {
+        o.ack(e.id).await.unwrap();
+    }
+    let many: Vec<CoveredFile> = (0..attrd::outbox::COVERED_FILES_KEPT as u64 + 5)
+        .map(|i| covered(hot, &format!("M{i}.jpg"), 100 + i))
+        .collect();
+    o.enqueue_many(vec![msg(9, many.clone())]).await.pop().unwrap().unwrap();
+    let left = tokio::task::block_in_place(|| o.covered_files_blocking(hot)).unwrap();
+    assert_eq!(left.len() as i64, attrd::outbox::COVERED_FILES_KEPT);
+    assert_eq!(left[0].0, many[5], "the oldest went first");
+    assert_eq!(left.last().unwrap().0, *many.last().unwrap());
+}
+
+/// A database written by the previous release (schema 2: no frames, no covered files) is migrated in place, its results kept.
 #[tokio::test]
 async fn a_schema_2_outbox_is_migrated_and_keeps_its_results() {
     let dir = tempfile::tempdir().unwrap();
@@ -289,7 +348,7 @@ async fn a_schema_2_outbox_is_migrated_and_keeps_its_results() {
     put(&o, 7).await;
     drop(o);
     let conn = rusqlite::Connection::open(&c.path).unwrap();
-    conn.execute_batch("DROP TABLE kept_frames; PRAGMA user_version = 2;").unwrap();
+    conn.execute_batch("DROP TABLE kept_frames; DROP TABLE covered_files; PRAGMA user_version = 2;").unwrap();
     drop(conn);
     let o = Outbox::open(&c).unwrap();
     assert_eq!(o.next_batch(None, 10).await.unwrap()[0].payload["i"], 7);

@@ -66,7 +66,7 @@ fn shot(sku: &str, path: &Path) -> (Shot, oneshot::Receiver<ShotOutcome>) {
         sku,
         std::fs::read(path).unwrap(),
         OffsetDateTime::now_utc(),
-        Origin::Hotfolder { source: "studio-a".into(), path: path.to_path_buf() },
+        Origin::Hotfolder { source: "studio-a".into(), path: path.to_path_buf(), version: None },
     )
 }
 

@@ -6,7 +6,7 @@ use crate::common::fashion_rows;
 use crate::pipeline::{ack_all, cfg, engine, engine_cell, eventually, photos, reference_probs, top1};
 use attrd::bundle;
 use attrd::engine::postprocess;
-use attrd::outbox::{Outbox, OutboxConfig};
+use attrd::outbox::{NewMessage, Outbox, OutboxConfig};
 use attrd::payload::{ResultPayload, SourceKind};
 use attrd::pipeline::{Finished, NotStored, Pipeline, PipelineConfig};
 use attrd::sources::fake::{FakeCamera, mjpeg_frame, rgb_to_yuyv};
@@ -571,12 +571,12 @@ async fn a_hot_folder_and_an_interval_camera_run_side_by_side() {
     ];
     // Without the `v4l2` feature a real camera is a clear start-up error naming it.
     #[cfg(not(feature = "v4l2"))]
-    match build(&cfgs, &HeldFrames::default()) {
+    match build(&cfgs, &HeldFrames::default(), None) {
         Err(e @ SourceError::V4l2Unavailable { .. }) => assert!(e.to_string().contains("/dev/video7"), "{e}"),
         other => panic!("{other:?}"),
     }
     let photo = image::open(&p[1]).unwrap().to_rgb8();
-    let built = build_with(&cfgs, &HeldFrames::default(), |_| {
+    let built = build_with(&cfgs, &HeldFrames::default(), None, |_| {
         Ok(Box::new(FakeCamera::new("video7", vec![mjpeg_frame(&photo, 85).unwrap()]).0)
             as Box<dyn attrd::sources::FrameGrabber>)
     })
@@ -597,7 +597,7 @@ async fn a_hot_folder_and_an_interval_camera_run_side_by_side() {
     assert!(hot.join("done/HF_1.jpg").is_file());
     // Duplicate names are refused.
     let dup = vec![SourceConfig::Hotfolder(hot_cfg(&hot)), SourceConfig::Hotfolder(hot_cfg(&hot))];
-    assert!(matches!(build(&dup, &HeldFrames::default()), Err(SourceError::DuplicateName(_))));
+    assert!(matches!(build(&dup, &HeldFrames::default(), None), Err(SourceError::DuplicateName(_))));
 }
 
 /// Several cameras on one box: one trigger for a SKU fires every camera, and with a fusion window their shots
@@ -609,7 +609,7 @@ async fn two_cameras_triggered_together_are_fused_into_one_result() {
     let side = image::open(&p[1]).unwrap().to_rgb8();
     let cam = |dev: &str| SourceConfig::V4l2(V4l2Config { device: dev.into(), name: None, ..V4l2Config::default() });
     let cfgs = vec![cam("/dev/video0"), cam("/dev/video2")];
-    let built = build_with(&cfgs, &HeldFrames::default(), |c| {
+    let built = build_with(&cfgs, &HeldFrames::default(), None, |c| {
         let (id, frame) = match c.device.to_string_lossy().as_ref() {
             "/dev/video0" => ("video0", mjpeg_frame(&front, 90).unwrap()),
             _ => ("video2", rgb_to_yuyv(&side)),
@@ -635,4 +635,67 @@ async fn two_cameras_triggered_together_are_fused_into_one_result() {
     let mut cams: Vec<Option<String>> = r.views.iter().map(|v| v.source.camera.clone()).collect();
     cams.sort();
     assert_eq!(cams, [Some("video0".to_string()), Some("video2".to_string())], "{r:#?}");
+}
+
+/// A crash between a fused result's commit and its files' moves leaves some of the files in the hot folder. The
+/// outbox recorded which files (in which version) the result covers, in the same transaction, so the next start files
+/// them to `done/` without processing them again: a second, partial result with another `message_id` never appears.
+/// A file that was replaced under the same name since, and a new file, are processed as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_a_crash_left_after_their_fused_result_was_stored_are_filed_not_processed_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hot = tmp.path().join("in");
+    std::fs::create_dir(&hot).unwrap();
+    let p = photos(4);
+    for (i, name) in ["LEFT_front.jpg", "LEFT_side.jpg", "LEFT_back.jpg"].iter().enumerate() {
+        std::fs::copy(&p[i], hot.join(name)).unwrap();
+    }
+    let outbox =
+        Outbox::open(&OutboxConfig { path: tmp.path().join("outbox.sqlite3"), ..OutboxConfig::default() }).unwrap();
+    let fused = PipelineConfig { fusion_window: Duration::from_secs(2), ..cfg() };
+
+    // The first process stores the fused result with the files it covers, as the daemon's outbox writer does, and
+    // "crashes" before any file is moved: the sources never hear that it is durable.
+    let (out, mut out_rx) = mpsc::channel::<Finished>(8);
+    let src = HotfolderSource::new(hot_cfg(&hot)).unwrap().with_outbox(outbox.clone());
+    let run = Running::start(vec![Box::new(src)], fused.clone(), out);
+    let f = tokio::time::timeout(Duration::from_secs(60), out_rx.recv()).await.unwrap().unwrap();
+    assert_eq!(f.payload.views.len(), 3, "one result for the three photos");
+    assert_eq!(f.covers.len(), 3);
+    let msg = NewMessage {
+        topic: "attrd/it/results/LEFT".into(),
+        payload: serde_json::to_value(&f.payload).unwrap(),
+        qos: 1,
+        retain: false,
+        message_id: uuid::Uuid::from_u128(7),
+        covers: f.covers.clone(),
+    };
+    outbox.enqueue_many(vec![msg]).await.pop().unwrap().unwrap();
+    drop(f);
+    run.stop().await;
+    assert_eq!(names(&hot).iter().filter(|n| n.starts_with("LEFT")).count(), 3, "{:?}", names(&hot));
+
+    // Before the next start, the back photo is exported again under the same name, and a new photo arrives.
+    std::fs::remove_file(hot.join("LEFT_back.jpg")).unwrap();
+    std::fs::copy(&p[2], hot.join("LEFT_back.jpg")).unwrap();
+    std::fs::copy(&p[3], hot.join("NEW_front.jpg")).unwrap();
+    let (out, out_rx) = mpsc::channel::<Finished>(8);
+    let consumer = ack_all(out_rx);
+    let src = HotfolderSource::new(hot_cfg(&hot)).unwrap().with_outbox(outbox.clone());
+    let run = Running::start(vec![Box::new(src)], fused, out);
+    let done = hot.join("done");
+    assert!(
+        eventually(Duration::from_secs(60), || names(&done).len() == 4).await,
+        "done/ has {:?}, the folder {:?}",
+        names(&done),
+        names(&hot)
+    );
+    run.stop().await;
+    let got = consumer.await.unwrap();
+    let mut results: Vec<(String, usize)> = got.iter().map(|r| (r.sku.clone(), r.views.len().max(1))).collect();
+    results.sort();
+    assert_eq!(results, [("LEFT".to_string(), 1), ("NEW".to_string(), 1)], "only the replaced and the new photo");
+    let left = got.iter().find(|r| r.sku == "LEFT").unwrap();
+    assert!(left.source.path.as_deref().unwrap().ends_with("LEFT_back.jpg"), "{left:#?}");
+    assert_eq!(names(&done), ["LEFT_back.jpg", "LEFT_front.jpg", "LEFT_side.jpg", "NEW_front.jpg"]);
 }
