@@ -6,6 +6,8 @@
 //! be set up). A file leaves the folder only after the pipeline says what became of it: `done/` once its result is
 //! durable, `failed/` with a `<name>.error.txt` when it can never produce one; "retry later" keeps it in place and
 //! tries again after a backoff. A missing or recreated directory is reported and watched again when it is back.
+//! A file a crash left behind after its result was stored (the outbox recorded it with the result) is filed to
+//! `done/` at the next start without being processed again.
 //!
 //! The watcher runs on its own thread: everything it does is blocking file-system work, and a thread keeps that off
 //! the async runtime without shuttling state in and out of `spawn_blocking`.

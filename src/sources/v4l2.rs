@@ -813,7 +813,6 @@ impl FrameGrabber for Unplugged {
 #[cfg(feature = "v4l2")]
 mod device {
     use super::{CameraError, CaptureSettings, Frame, FrameGrabber, PixelFormat, StreamInfo};
-    use crate::outbox::{KeptFrame, Outbox, OutboxError};
     use crate::payload::SourceKind;
     use std::io;
     use std::path::PathBuf;
