@@ -241,6 +241,7 @@ async fn run_outbox(args: &Args, broker: &Broker, round: usize, group: usize) ->
                         version: FileVersion { dev: 2049, ino: (i * 8 + k) as u64, len: 350_000, mtime_ns: 1 << 60 },
                     })
                     .collect(),
+                releases: Vec::new(),
             })
         })
         .collect::<anyhow::Result<_>>()?;

@@ -188,8 +188,11 @@ pub struct NewMessage {
     pub retain: bool,
     /// The message's id; a waiting message with the same id is returned instead of adding another.
     pub message_id: Uuid,
-    /// The hot-folder files it is the result of, recorded in the same transaction ([`Outbox::covered_files`]).
+    /// The hot-folder files it is the result of, recorded in the same transaction ([`Outbox::covered_files_blocking`]).
     pub covers: Vec<CoveredFile>,
+    /// Keys of kept camera frames it is the result of ([`Outbox::keep_frame`]), released in the same transaction: a
+    /// crash cannot leave both, which would send the frame again into another result.
+    pub releases: Vec<i64>,
 }
 
 /// Which version of a file was read: its device and inode, length and modification time. A file replaced under the
@@ -363,6 +366,7 @@ enum Write {
         retain: bool,
         message_id: Uuid,
         covers: Vec<CoveredFile>,
+        releases: Vec<i64>,
         reply: oneshot::Sender<Result<Enqueued, OutboxError>>,
     },
     Ack {
@@ -427,7 +431,7 @@ impl Outbox {
         retain: bool,
         message_id: Uuid,
     ) -> Result<Enqueued, OutboxError> {
-        let msg = NewMessage { topic, payload, qos, retain, message_id, covers: Vec::new() };
+        let msg = NewMessage { topic, payload, qos, retain, message_id, covers: Vec::new(), releases: Vec::new() };
         let mut results = self.enqueue_many(vec![msg]).await;
         results.pop().unwrap_or(Err(OutboxError::Closed))
     }
@@ -444,9 +448,9 @@ impl Outbox {
         let mut replies = Vec::with_capacity(msgs.len());
         for m in msgs {
             match validate(m) {
-                Ok((topic, payload, qos, retain, message_id, covers)) => {
+                Ok((topic, payload, qos, retain, message_id, covers, releases)) => {
                     let (reply, rx) = oneshot::channel();
-                    writes.push(Write::Enqueue { topic, payload, qos, retain, message_id, covers, reply });
+                    writes.push(Write::Enqueue { topic, payload, qos, retain, message_id, covers, releases, reply });
                     replies.push(Ok(rx));
                 }
                 Err(e) => replies.push(Err(e)),
@@ -487,7 +491,8 @@ impl Outbox {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
-    /// Deletes a kept frame once its result is stored (or can never be). Unknown keys are fine.
+    /// Deletes a kept frame. Its result's transaction already does ([`NewMessage::releases`]); this is for a frame
+    /// whose result can never be stored, and a fallback. Unknown keys are fine.
     pub async fn release_frame(&self, id: i64) -> Result<(), OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.send(Op::ReleaseFrame { id, reply })?;
@@ -534,7 +539,7 @@ impl Outbox {
     }
 }
 
-type Validated = (String, serde_json::Map<String, serde_json::Value>, u8, bool, Uuid, Vec<CoveredFile>);
+type Validated = (String, serde_json::Map<String, serde_json::Value>, u8, bool, Uuid, Vec<CoveredFile>, Vec<i64>);
 
 fn validate(m: NewMessage) -> Result<Validated, OutboxError> {
     if m.qos > 2 {
@@ -545,7 +550,7 @@ fn validate(m: NewMessage) -> Result<Validated, OutboxError> {
         return Err(OutboxError::InvalidTopic(topic));
     }
     match m.payload {
-        serde_json::Value::Object(p) => Ok((topic, p, m.qos, m.retain, m.message_id, m.covers)),
+        serde_json::Value::Object(p) => Ok((topic, p, m.qos, m.retain, m.message_id, m.covers, m.releases)),
         other => Err(OutboxError::NotAnObject(json_kind(&other))),
     }
 }
@@ -878,7 +883,7 @@ impl Worker {
             let mut deleted_any = false;
             for op in rest.by_ref() {
                 match op {
-                    Write::Enqueue { topic, payload, qos, retain, message_id, covers, reply } => {
+                    Write::Enqueue { topic, payload, qos, retain, message_id, covers, releases, reply } => {
                         pending.push(Pending::Enqueued(reply, None));
                         let r = insert(
                             &tx,
@@ -896,6 +901,10 @@ impl Worker {
                         enqueued += u64::from(r.is_ok());
                         if r.is_ok() {
                             covered += record_covers(&tx, &covers, message_id)?;
+                            let mut release = tx.prepare_cached("DELETE FROM kept_frames WHERE id = ?1")?;
+                            for id in &releases {
+                                release.execute([id])?;
+                            }
                         }
                         if let Some(Pending::Enqueued(_, verdict)) = pending.last_mut() {
                             *verdict = Some(r);

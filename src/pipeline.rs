@@ -100,6 +100,8 @@ pub struct Finished {
     pub payload: ResultPayload,
     /// The hot-folder files (in the versions read) the result covers, for the outbox to record with it.
     pub covers: Vec<CoveredFile>,
+    /// The kept camera frames it is the result of, for the outbox to release with it.
+    pub releases: Vec<i64>,
     pub durable: oneshot::Sender<Result<(), NotStored>>,
 }
 
@@ -219,6 +221,7 @@ struct Meta {
     origin: Origin,
     done: Option<oneshot::Sender<ShotOutcome>>,
     received: Instant,
+    kept_frame: Option<i64>,
 }
 
 struct Prepared {
@@ -316,8 +319,8 @@ async fn intake(
         metrics.image(shot.origin.source_name());
         // Invariant: the semaphore is never closed.
         let Ok(permit) = workers.clone().acquire_owned().await else { break };
-        let Shot { sku, bytes, captured_at, origin, done } = shot;
-        let meta = Meta { sku, captured_at, origin, done, received };
+        let Shot { sku, bytes, captured_at, origin, done, kept_frame } = shot;
+        let meta = Meta { sku, captured_at, origin, done, received, kept_frame };
         let model = match current_model(&engine, &mut cache, cfg.limits) {
             Ok(m) => m,
             Err(reason) => {
@@ -538,9 +541,10 @@ async fn emit(
     waiters: &mut JoinSet<()>,
 ) {
     let covers = views.iter().filter_map(|v| v.meta.origin.covered_file()).collect();
+    let releases = views.iter().filter_map(|v| v.meta.kept_frame).collect();
     let (payload, dones) = build_payload(node, views);
     let (durable, answer) = oneshot::channel();
-    let finished = Finished { payload, covers, durable };
+    let finished = Finished { payload, covers, releases, durable };
     if let Err(mpsc::error::SendError(f)) = out.send(finished).await {
         tracing::error!(sku = %f.payload.sku, "the outbox is gone; result not stored");
         for d in dones {

@@ -405,6 +405,7 @@ async fn outbox_writer(
                     retain: false,
                     message_id: result_id(f),
                     covers: f.covers.clone(),
+                    releases: f.releases.clone(),
                 })
             });
             prepared.push(match msg {

@@ -118,6 +118,9 @@ pub struct Shot {
     pub origin: Origin,
     /// Resolved exactly once with the shot's outcome; `None` when the source does not care.
     pub done: Option<oneshot::Sender<ShotOutcome>>,
+    /// A camera frame kept in the outbox database ([`HeldFrames`]): its key, for the result's transaction to release
+    /// it, so that a crash cannot leave both the result and the frame, which would be processed again.
+    pub kept_frame: Option<i64>,
 }
 
 impl Shot {
@@ -129,7 +132,7 @@ impl Shot {
         origin: Origin,
     ) -> (Shot, oneshot::Receiver<ShotOutcome>) {
         let (tx, rx) = oneshot::channel();
-        (Shot { sku: sku.into(), bytes, captured_at, origin, done: Some(tx) }, rx)
+        (Shot { sku: sku.into(), bytes, captured_at, origin, done: Some(tx), kept_frame: None }, rx)
     }
 }
 

@@ -552,7 +552,9 @@ impl HeldFrame {
         let f = &self.frame;
         let camera = f.camera.clone();
         let origin = if f.replayed { Origin::Fake { camera } } else { Origin::V4l2 { camera } };
-        Shot::new(f.sku.clone(), f.jpeg.clone(), f.captured_at, origin)
+        let (mut shot, rx) = Shot::new(f.sku.clone(), f.jpeg.clone(), f.captured_at, origin);
+        shot.kept_frame = self.key;
+        (shot, rx)
     }
 }
 

@@ -118,6 +118,7 @@ async fn enqueue_many_judges_each_message_and_commits_the_rest_together() {
         retain: false,
         message_id: uuid::Uuid::from_u128(id),
         covers: Vec::new(),
+        releases: Vec::new(),
     };
     let first = o.enqueue_with_id("attrd/it/results/a".into(), json!({"i": 0}), 1, false, uuid::Uuid::from_u128(1));
     let first = first.await.unwrap();
@@ -252,7 +253,7 @@ fn frame(sku: &str, n: usize) -> KeptFrame {
 }
 
 /// Camera frames kept beside the results survive a reopen exactly as they were, apart from the results' limits,
-/// and leave only when released.
+/// and leave only when released: by their result's transaction, or on their own.
 #[tokio::test]
 async fn kept_frames_survive_a_reopen_until_released() {
     let dir = tempfile::tempdir().unwrap();
@@ -265,6 +266,23 @@ async fn kept_frames_survive_a_reopen_until_released() {
     let b = o.keep_frame(KeptFrame { replayed: true, ..frame("B", 10) }).await.unwrap();
     assert!(a < b);
     assert_eq!(o.depth().messages, 1, "frames are not results");
+    // A frame's result that is refused does not release it; one that is stored does, in its transaction.
+    let result_of = |key: i64, sku: &str| NewMessage {
+        topic: format!("attrd/it/results/{sku}"),
+        payload: json!({"sku": sku}),
+        qos: 1,
+        retain: false,
+        message_id: uuid::Uuid::now_v7(),
+        covers: Vec::new(),
+        releases: vec![key],
+    };
+    let refused = o.enqueue_many(vec![result_of(a, "A")]).await.pop().unwrap();
+    assert!(matches!(refused, Err(OutboxError::Full { .. })), "{refused:?}");
+    assert_eq!(o.kept_frames().await.unwrap().len(), 2);
+    let k = o.keep_frame(frame("C", 10)).await.unwrap();
+    o.ack(o.next_batch(None, 1).await.unwrap()[0].id).await.unwrap();
+    o.enqueue_many(vec![result_of(k, "C")]).await.pop().unwrap().unwrap();
+    assert_eq!(o.kept_frames().await.unwrap().iter().map(|(k, _)| *k).collect::<Vec<_>>(), [a, b]);
     drop(o);
 
     let o = Outbox::open(&c).unwrap();
@@ -278,7 +296,7 @@ async fn kept_frames_survive_a_reopen_until_released() {
         o.kept_frames().await.unwrap().iter().map(|(k, f)| (*k, f.sku.as_str())).collect::<Vec<_>>(),
         [(b, "B")]
     );
-    assert_eq!(o.next_batch(None, 10).await.unwrap().len(), 1, "the result is still there");
+    assert_eq!(o.next_batch(None, 10).await.unwrap()[0].payload["sku"], "C", "the result is still there");
 }
 
 fn covered(dir: &Path, name: &str, ino: u64) -> CoveredFile {
@@ -301,6 +319,7 @@ async fn covered_files_are_recorded_with_their_result_and_pruned_to_the_newest()
         retain: false,
         message_id: uuid::Uuid::from_u128(id),
         covers,
+        releases: Vec::new(),
     };
     let a = vec![covered(hot, "A_front.jpg", 1), covered(hot, "A_side.jpg", 2), covered(other, "A.jpg", 3)];
     o.enqueue_many(vec![msg(1, a.clone())]).await.pop().unwrap().unwrap();

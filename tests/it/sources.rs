@@ -531,7 +531,8 @@ async fn camera_frames_not_stored_yet_are_kept_across_reloads_and_restarts() {
     assert_eq!(outbox.kept_frames().await.unwrap().len(), 2);
 
     // A new process (its memory empty) takes the kept frames in from the database. Once results can be stored, each
-    // frame becomes one result, as the photo it was, and is released.
+    // frame becomes one result, as the photo it was, and is released by the transaction that stores the result:
+    // a crash right after that commit cannot leave the frame to be sent again.
     drop(outbox);
     let outbox =
         Outbox::open(&OutboxConfig { path: tmp.path().join("outbox.sqlite3"), ..OutboxConfig::default() }).unwrap();
@@ -539,7 +540,25 @@ async fn camera_frames_not_stored_yet_are_kept_across_reloads_and_restarts() {
     assert_eq!(held.attach(&outbox).await.unwrap(), 2);
     let (out, mut out_rx) = mpsc::channel::<Finished>(8);
     let run = Running::start(vec![held.source().unwrap()], cfg(), out);
-    let mut results = [next(&mut out_rx).await, next(&mut out_rx).await];
+    let mut results = Vec::new();
+    for _ in 0..2 {
+        let f = tokio::time::timeout(Duration::from_secs(60), out_rx.recv()).await.unwrap().unwrap();
+        let key = *f.releases.first().expect("the result releases its kept frame");
+        assert!(outbox.kept_frames().await.unwrap().iter().any(|(k, _)| *k == key));
+        let msg = NewMessage {
+            topic: format!("attrd/it/results/{}", f.payload.sku),
+            payload: serde_json::to_value(&f.payload).unwrap(),
+            qos: 1,
+            retain: false,
+            message_id: uuid::Uuid::now_v7(),
+            covers: f.covers.clone(),
+            releases: f.releases.clone(),
+        };
+        outbox.enqueue_many(vec![msg]).await.pop().unwrap().unwrap();
+        assert!(!outbox.kept_frames().await.unwrap().iter().any(|(k, _)| *k == key), "released with the commit");
+        f.durable.send(Ok(())).unwrap();
+        results.push(f.payload);
+    }
     results.sort_by(|a, b| a.sku.cmp(&b.sku));
     let stats = run.stop().await;
     assert_eq!(stats.durable, 2);
@@ -669,6 +688,7 @@ async fn files_a_crash_left_after_their_fused_result_was_stored_are_filed_not_pr
         retain: false,
         message_id: uuid::Uuid::from_u128(7),
         covers: f.covers.clone(),
+        releases: f.releases.clone(),
     };
     outbox.enqueue_many(vec![msg]).await.pop().unwrap().unwrap();
     drop(f);
