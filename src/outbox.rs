@@ -491,8 +491,8 @@ impl Outbox {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
-    /// Deletes a kept frame. Its result's transaction already does ([`NewMessage::releases`]); this is for a frame
-    /// whose result can never be stored, and a fallback. Unknown keys are fine.
+    /// Deletes a kept frame whose result can never be stored (a stored result's transaction deletes its frames:
+    /// [`NewMessage::releases`]). Unknown keys are fine.
     pub async fn release_frame(&self, id: i64) -> Result<(), OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.send(Op::ReleaseFrame { id, reply })?;
@@ -732,11 +732,7 @@ impl Worker {
                     }
                     Op::ReleaseFrame { id, reply } => {
                         self.commit_writes(std::mem::take(&mut writes));
-                        let r = self
-                            .conn
-                            .prepare_cached("DELETE FROM kept_frames WHERE id = ?1")
-                            .and_then(|mut s| s.execute([id]));
-                        let _ = reply.send(r.map(drop).map_err(OutboxError::from));
+                        let _ = reply.send(release_frames(&self.conn, &[id]).map_err(OutboxError::from));
                     }
                     Op::KeptFrames { reply } => {
                         self.commit_writes(std::mem::take(&mut writes));
@@ -901,10 +897,7 @@ impl Worker {
                         enqueued += u64::from(r.is_ok());
                         if r.is_ok() {
                             covered += record_covers(&tx, &covers, message_id)?;
-                            let mut release = tx.prepare_cached("DELETE FROM kept_frames WHERE id = ?1")?;
-                            for id in &releases {
-                                release.execute([id])?;
-                            }
+                            release_frames(&tx, &releases)?;
                         }
                         if let Some(Pending::Enqueued(_, verdict)) = pending.last_mut() {
                             *verdict = Some(r);
@@ -997,6 +990,15 @@ fn record_covers(tx: &rusqlite::Transaction<'_>, covers: &[CoveredFile], message
         ])?;
     }
     Ok(covers.len())
+}
+
+/// Deletes kept frames (inside the caller's transaction, or on their own); unknown keys are fine.
+fn release_frames(conn: &Connection, ids: &[i64]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached("DELETE FROM kept_frames WHERE id = ?1")?;
+    for id in ids {
+        stmt.execute([id])?;
+    }
+    Ok(())
 }
 
 /// A path's bytes as the OS has them (Unix paths need not be UTF-8).

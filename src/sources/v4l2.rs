@@ -539,10 +539,6 @@ impl HeldFrame {
         &self.frame.sku
     }
 
-    pub fn camera(&self) -> &str {
-        &self.frame.camera
-    }
-
     /// Whether it is kept in the outbox database (and so outlives the process).
     pub fn is_kept(&self) -> bool {
         self.key.is_some()
@@ -586,8 +582,7 @@ impl HeldFrames {
     /// kept again in this one when next refused. Returns how many frames it took in.
     pub async fn attach(&self, outbox: &Outbox) -> Result<usize, OutboxError> {
         let kept = outbox.kept_frames().await?;
-        let same = lock(&self.0.store).as_ref().is_some_and(|o| o.path() == outbox.path());
-        *lock(&self.0.store) = Some(outbox.clone());
+        let same = lock(&self.0.store).replace(outbox.clone()).is_some_and(|o| o.path() == outbox.path());
         let mut frames = lock(&self.0.frames);
         if !same {
             for f in frames.iter_mut() {
@@ -684,8 +679,10 @@ impl Resend {
         loop {
             match outcome(rx).await {
                 ShotOutcome::Durable => {
+                    // A kept frame left the database in the transaction that stored its result (its shot carries
+                    // the key from the first resend after it was kept).
                     tracing::debug!(%camera, %sku, "frame stored");
-                    return self.release().await;
+                    return;
                 }
                 ShotOutcome::Failed(reason) => {
                     tracing::warn!(%camera, %sku, %reason, "frame produced no result");
@@ -742,6 +739,7 @@ impl Resend {
         }
     }
 
+    /// For a frame whose result can never be stored: nothing else will take it out of the database.
     async fn release(self) {
         let (Some(key), Some(store)) = (self.frame.key, self.held.store()) else { return };
         if let Err(e) = store.release_frame(key).await {
