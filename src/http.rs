@@ -610,7 +610,8 @@ pub struct PhotoAccepted {
 
 /// Takes a photo into the pipeline and answers once its result is stored, so a 202 means the same as a hot-folder
 /// file reaching `done/`: it will reach the broker, across restarts and outages. Sending the same photo again after
-/// an error or a lost answer is safe: its result carries the same `message_id`.
+/// an error or a lost answer is safe: its result carries the same `message_id`, unless fusion is on or the model
+/// changed meanwhile (docs/reliability.md, "Known limits").
 async fn photos(
     State(state): State<Arc<HttpState>>,
     query: Result<Query<PhotoQuery>, QueryRejection>,

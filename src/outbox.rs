@@ -96,8 +96,10 @@ pub enum OutboxError {
     /// The topic cannot be published (empty, wildcard, NUL).
     #[error("invalid MQTT topic {0:?} for the outbox")]
     InvalidTopic(String),
-    /// QoS must be 0, 1 or 2.
-    #[error("invalid MQTT QoS {0}")]
+    /// QoS must be 0 or 1. QoS 2 is refused: the outbox with its stable `message_id` already gives at-least-once
+    /// without loss and duplicates a subscriber can drop, and rumqttc hands a QoS 2 message's packet id to the next
+    /// publish once PUBREC arrives, so its PUBCOMP could be taken for another message's acknowledgement.
+    #[error("MQTT QoS {0} is not supported for stored messages (0 or 1)")]
     InvalidQos(u8),
     /// The configuration cannot work (for example a zero limit).
     #[error("invalid outbox configuration: {0}")]
@@ -239,6 +241,19 @@ pub struct Entry {
     pub created_at: OffsetDateTime,
 }
 
+/// One read of the stored messages ([`Outbox::read_batch`]): those that could be decoded, and how far the read got.
+/// Undecodable rows (a damaged disk, a hand edit) are skipped but counted, so a reader tells "the table ends here"
+/// from "this stretch was unreadable" and moves past them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    /// The decodable messages, oldest first.
+    pub entries: Vec<Entry>,
+    /// Rows read, the skipped ones included: fewer than the limit asked for means the table ends here.
+    pub rows: usize,
+    /// The id of the last row read, skipped or not: where the next read starts.
+    pub last_id: Option<i64>,
+}
+
 /// A camera frame whose result could not be stored yet (outbox full or unwritable), kept beside the results so that it
 /// outlives a restart or a crash (see `sources::HeldFrames`). A hot-folder file stays in its folder and an upload's
 /// client sends it again, but a camera frame exists nowhere else.
@@ -325,7 +340,7 @@ enum Op {
     Batch {
         after: Option<i64>,
         limit: usize,
-        reply: oneshot::Sender<Result<Vec<Entry>, OutboxError>>,
+        reply: oneshot::Sender<Result<Batch, OutboxError>>,
     },
     KeepFrame {
         frame: Box<KeptFrame>,
@@ -468,8 +483,15 @@ impl Outbox {
         out
     }
 
-    /// Up to `limit` stored messages with an id greater than `after_id`, oldest first.
+    /// Up to `limit` stored messages with an id greater than `after_id`, oldest first. Rows that cannot be decoded
+    /// are left in place, logged and skipped, so there may be fewer even where more follow: a reader that goes on
+    /// until the table ends uses [`read_batch`](Self::read_batch).
     pub async fn next_batch(&self, after_id: Option<i64>, limit: usize) -> Result<Vec<Entry>, OutboxError> {
+        Ok(self.read_batch(after_id, limit).await?.entries)
+    }
+
+    /// Reads up to `limit` rows with an id greater than `after_id`, oldest first, and says how far it got.
+    pub async fn read_batch(&self, after_id: Option<i64>, limit: usize) -> Result<Batch, OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.send(Op::Batch { after: after_id, limit, reply })?;
         rx.await.map_err(|_| OutboxError::Closed)?
@@ -542,7 +564,7 @@ impl Outbox {
 type Validated = (String, serde_json::Map<String, serde_json::Value>, u8, bool, Uuid, Vec<CoveredFile>, Vec<i64>);
 
 fn validate(m: NewMessage) -> Result<Validated, OutboxError> {
-    if m.qos > 2 {
+    if m.qos > 1 {
         return Err(OutboxError::InvalidQos(m.qos));
     }
     let topic = m.topic;
@@ -796,11 +818,11 @@ impl Worker {
              ORDER BY id",
         )?;
         let ms = |v: i64| Duration::from_millis(u64::try_from(v).unwrap_or(0));
+        // As in `batch`: a row that does not read is skipped (and left in place), not the end of every frame.
         let rows = stmt.query_map([], |r| {
-            let captured_ns: i64 = r.get(4)?;
-            Ok((
-                r.get::<_, i64>(0)?,
-                KeptFrame {
+            let frame = (|| {
+                let captured_ns: i64 = r.get(4)?;
+                Ok::<_, rusqlite::Error>(KeptFrame {
                     camera: r.get(1)?,
                     sku: r.get(2)?,
                     jpeg: r.get(3)?,
@@ -809,56 +831,71 @@ impl Worker {
                     replayed: r.get(5)?,
                     retry_min: ms(r.get(6)?),
                     retry_max: ms(r.get(7)?),
-                },
-            ))
+                })
+            })();
+            Ok((r.get::<_, i64>(0)?, frame))
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut out = Vec::new();
+        for row in rows {
+            match row? {
+                (id, Ok(frame)) => out.push((id, frame)),
+                (id, Err(e)) => {
+                    tracing::error!(id, error = %e, "undecodable kept camera frame left in place and skipped");
+                }
+            }
+        }
+        Ok(out)
     }
 
-    fn batch(&self, after: Option<i64>, limit: usize) -> Result<Vec<Entry>, OutboxError> {
+    fn batch(&self, after: Option<i64>, limit: usize) -> Result<Batch, OutboxError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, seq, message_id, topic, payload, qos, retain, created_at_ms FROM outbox
              WHERE id > ?1 ORDER BY id LIMIT ?2",
         )?;
+        // The id is the table's integer key and always reads; any other column may not (invalid UTF-8, a value of
+        // the wrong type), and that must cost one row, not every read from here on.
         let rows = stmt.query_map(params![after.unwrap_or(0), limit], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, bool>(6)?,
-                r.get::<_, i64>(7)?,
-            ))
+            let rest = (|| {
+                Ok::<_, rusqlite::Error>((
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, bool>(6)?,
+                    r.get::<_, i64>(7)?,
+                ))
+            })();
+            Ok((r.get::<_, i64>(0)?, rest))
         })?;
-        let mut out = Vec::new();
+        let mut out = Batch::default();
         for row in rows {
-            let (id, seq, message_id, topic, payload, qos, retain, created_ms) = row?;
-            // A row we cannot decode stays in the table (and in `depth`) for an operator to inspect; skipping it
-            // keeps every later result flowing.
-            let decoded = Uuid::parse_str(&message_id)
-                .map_err(|e| e.to_string())
-                .and_then(|m| serde_json::from_str(&payload).map(|p| (m, p)).map_err(|e| e.to_string()));
-            let (message_id, payload) = match decoded {
-                Ok(v) => v,
-                Err(error) => {
-                    tracing::error!(id, seq, error, "undecodable outbox row left in place and skipped");
-                    continue;
-                }
-            };
-            out.push(Entry {
-                id,
-                seq: u64::try_from(seq).unwrap_or(0),
-                message_id,
-                topic,
-                payload,
-                qos: u8::try_from(qos).unwrap_or(1),
-                retain,
-                created_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(created_ms) * 1_000_000)
-                    .unwrap_or(OffsetDateTime::UNIX_EPOCH),
-            });
+            let (id, rest) = row?;
+            out.rows += 1;
+            out.last_id = Some(id);
+            let decoded =
+                rest.map_err(|e| e.to_string()).and_then(|(seq, message_id, topic, payload, qos, retain, ms)| {
+                    let message_id = Uuid::parse_str(&message_id).map_err(|e| format!("message_id: {e}"))?;
+                    let payload = serde_json::from_str(&payload).map_err(|e| format!("payload: {e}"))?;
+                    Ok(Entry {
+                        id,
+                        seq: u64::try_from(seq).unwrap_or(0),
+                        message_id,
+                        topic,
+                        payload,
+                        qos: u8::try_from(qos).unwrap_or(1),
+                        retain,
+                        created_at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                            .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+                    })
+                });
+            match decoded {
+                Ok(entry) => out.entries.push(entry),
+                // Left in the table (and in `depth`) for an operator to inspect; skipping it keeps every later
+                // result flowing.
+                Err(error) => tracing::error!(id, error, "undecodable outbox row left in place and skipped"),
+            }
         }
         Ok(out)
     }

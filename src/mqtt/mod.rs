@@ -32,7 +32,7 @@ pub struct MqttConfig {
     pub client_id: Option<String>,
     /// First segment(s) of every topic.
     pub topic_prefix: String,
-    /// Keep-alive interval (whole seconds, at least 1 s; 0 disables keep-alive pings). A dead connection is
+    /// Keep-alive interval (whole seconds, at least 1 s: the pings are how a dead broker is noticed). A dead connection is
     /// noticed after about 1.5 times this.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
@@ -201,10 +201,10 @@ impl MqttConfig {
         if self.client_id.as_deref().is_some_and(str::is_empty) {
             return bad("client_id must not be empty (leave it out for attrd-<node>)");
         }
-        if !self.keep_alive.is_zero()
-            && (self.keep_alive < Duration::from_secs(1) || self.keep_alive.subsec_nanos() != 0)
-        {
-            return bad("keep_alive must be whole seconds, at least 1 s (or 0 to disable)");
+        // No "0 to disable": without pings a broker that vanished after taking the last publishes is never noticed
+        // (the read just waits), and every result after them would wait for a restart.
+        if self.keep_alive < Duration::from_secs(1) || self.keep_alive.subsec_nanos() != 0 {
+            return bad("keep_alive must be whole seconds, at least 1 s (pings are how a dead broker is noticed)");
         }
         if self.keep_alive > Duration::from_secs(u64::from(u16::MAX)) {
             return bad("keep_alive must be at most 65535 s");

@@ -480,10 +480,10 @@ enum Phase {
 type PollFuture = Pin<Box<dyn Future<Output = (EventLoop, Result<Event, ConnectionError>)> + Send>>;
 
 /// A background outbox read: the limit it asked for, and the answer.
-type ReadFuture = Pin<Box<dyn Future<Output = (usize, Result<Vec<crate::outbox::Entry>, OutboxError>)> + Send>>;
+type ReadFuture = Pin<Box<dyn Future<Output = (usize, Result<crate::outbox::Batch, OutboxError>)> + Send>>;
 
 /// Completes when the background read does; never while there is none.
-async fn read_done(reading: &mut Option<ReadFuture>) -> (usize, Result<Vec<crate::outbox::Entry>, OutboxError>) {
+async fn read_done(reading: &mut Option<ReadFuture>) -> (usize, Result<crate::outbox::Batch, OutboxError>) {
     match reading {
         Some(f) => f.await,
         None => std::future::pending().await,
@@ -849,7 +849,10 @@ impl Session<'_> {
             if let serde_json::Value::Object(m) = &mut payload {
                 m.insert("published_at".into(), now_rfc3339().into());
             }
-            let qos = if entry.qos >= 2 { QoS::ExactlyOnce } else { QoS::AtLeastOnce };
+            // Every stored message goes out at QoS 1, whatever its row says: a row is deleted on its PUBACK, and a
+            // QoS 2 row an older outbox took in would have its packet id reused before its PUBCOMP came
+            // (`OutboxError::InvalidQos`). QoS 0 rows are upgraded so that they, too, leave only when acknowledged.
+            let qos = QoS::AtLeastOnce;
             let bytes = payload.to_string().into_bytes();
             if let Err(e) = self.client.try_publish(entry.topic.as_str(), qos, entry.retain, bytes) {
                 tracing::warn!(id, error = %e, "publish not queued; retrying shortly");
@@ -869,12 +872,12 @@ impl Session<'_> {
             let limit = READ_AHEAD_WINDOWS * self.ctx.max_in_flight - self.ahead.len();
             let (outbox, after) = (self.ctx.outbox.clone(), self.cursor);
             self.changed_while_reading = false;
-            *reading = Some(Box::pin(async move { (limit, outbox.next_batch(after, limit).await) }));
+            *reading = Some(Box::pin(async move { (limit, outbox.read_batch(after, limit).await) }));
         }
     }
 
     /// Takes the answer of a background read into the read-ahead.
-    fn on_read(&mut self, limit: usize, r: Result<Vec<crate::outbox::Entry>, OutboxError>) {
+    fn on_read(&mut self, limit: usize, r: Result<crate::outbox::Batch, OutboxError>) {
         let batch = match r {
             Ok(b) => b,
             Err(e) => {
@@ -883,9 +886,10 @@ impl Session<'_> {
                 return;
             }
         };
-        self.more = batch.len() >= limit || std::mem::take(&mut self.changed_while_reading);
-        for entry in batch {
-            self.cursor = Some(entry.id);
+        // Judged by the rows read, skipped ones included: a stretch of undecodable rows is not the end of the table.
+        self.more = batch.rows >= limit || std::mem::take(&mut self.changed_while_reading);
+        self.cursor = batch.last_id.or(self.cursor);
+        for entry in batch.entries {
             if !valid_topic(&entry.topic) {
                 // The outbox refuses such topics; an old or edited database could still hold one.
                 tracing::error!(id = entry.id, topic = %entry.topic, "unpublishable outbox entry skipped (left in place)");

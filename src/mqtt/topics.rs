@@ -10,6 +10,8 @@ use std::fmt;
 pub const MAX_SKU_LEN: usize = 128;
 /// Longest node, prefix segment, model name or command kind, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
+/// The topic level under the prefix where models are announced and shipped to the whole fleet.
+const MODELS_LEVEL: &str = "models";
 
 /// Why a value cannot be used in a topic, or a received topic is not one of ours.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +48,13 @@ pub enum TopicError {
         /// Which value.
         what: &'static str,
         /// The value, truncated to 80 characters.
+        value: String,
+    },
+    /// The node is named like a fleet-wide topic level of the prefix (`models`), so its own topics would fall
+    /// under that level's subscriptions.
+    #[error("node {value:?} is taken by the fleet's <prefix>/{value}/… topics; choose another node name")]
+    ReservedNode {
+        /// The node name.
         value: String,
     },
     /// A received topic is not `<prefix>/<node>/cmd/<kind>` (or its response topic).
@@ -114,6 +123,11 @@ impl Topics {
             check_segment("topic prefix segment", seg, MAX_NAME_LEN)?;
         }
         check_segment("node", node, MAX_NAME_LEN)?;
+        // `<prefix>/models/+` is what nodes subscribe to for model announcements: a node named `models` would hear its
+        // own retained status there, as an announcement that never parses, every few seconds.
+        if node == MODELS_LEVEL {
+            return Err(TopicError::ReservedNode { value: node.to_owned() });
+        }
         Ok(Self { prefix: prefix.to_owned(), node: node.to_owned(), base: format!("{prefix}/{node}") })
     }
 
@@ -171,7 +185,7 @@ impl Topics {
     /// `<prefix>/models/<name>`: fleet-wide model announcements.
     pub fn models(&self, name: &str) -> Result<String, TopicError> {
         check_segment("model name", name, MAX_NAME_LEN)?;
-        Ok(format!("{}/models/{name}", self.prefix))
+        Ok(format!("{}/{MODELS_LEVEL}/{name}", self.prefix))
     }
 
     /// The subscription for model announcements: `<prefix>/models/<name>`, or `<prefix>/models/+` for every name
@@ -179,7 +193,7 @@ impl Topics {
     pub fn models_filter(&self, name: Option<&str>) -> Result<String, TopicError> {
         match name {
             Some(n) => self.models(n),
-            None => Ok(format!("{}/models/+", self.prefix)),
+            None => Ok(format!("{}/{MODELS_LEVEL}/+", self.prefix)),
         }
     }
 
@@ -189,20 +203,24 @@ impl Topics {
     pub fn model_chunk(&self, name: &str, transfer: &str, index: u32) -> Result<String, TopicError> {
         check_segment("model name", name, MAX_NAME_LEN)?;
         check_transfer(transfer)?;
-        Ok(format!("{}/models/{name}/chunks/{transfer}/{index}", self.prefix))
+        Ok(format!("{}/{MODELS_LEVEL}/{name}/chunks/{transfer}/{index}", self.prefix))
     }
 
     /// `<prefix>/models/<name>/chunks/<transfer>/+`: the subscription for one upload's chunks.
     pub fn model_chunks_filter(&self, name: &str, transfer: &str) -> Result<String, TopicError> {
         check_segment("model name", name, MAX_NAME_LEN)?;
         check_transfer(transfer)?;
-        Ok(format!("{}/models/{name}/chunks/{transfer}/+", self.prefix))
+        Ok(format!("{}/{MODELS_LEVEL}/{name}/chunks/{transfer}/+", self.prefix))
     }
 
     /// Classifies a topic under `<prefix>/models/`; `None` for anything else (including malformed chunk topics,
     /// which no attrd publishes).
     pub fn parse_model(&self, topic: &str) -> Option<ModelTopic> {
-        let rest = topic.strip_prefix(self.prefix.as_str())?.strip_prefix("/models/")?;
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('/')?
+            .strip_prefix(MODELS_LEVEL)?
+            .strip_prefix('/')?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             [name] => {
@@ -326,6 +344,16 @@ mod tests {
         assert_eq!(t.errors(), "attrd/edge-1/errors");
         assert_eq!(t.models("lite0").unwrap(), "attrd/models/lite0");
         assert_eq!(Topics::new("site/a", "n").unwrap().available(), "site/a/n/available");
+    }
+
+    #[test]
+    fn a_node_cannot_be_named_like_the_fleets_model_level() {
+        // Its own retained status would land under `attrd/models/+`, every node's model subscription, its own too.
+        let e = Topics::new("attrd", "models").unwrap_err();
+        assert_eq!(e, TopicError::ReservedNode { value: "models".into() });
+        assert!(e.to_string().contains("choose another node name"), "{e}");
+        assert!(Topics::new("attrd", "models-1").is_ok());
+        assert!(Topics::new("models", "edge-1").is_ok(), "as a prefix it is only a name");
     }
 
     #[test]

@@ -251,6 +251,17 @@ impl Stamp {
     }
 }
 
+/// A photo's capture time: its file's modification time, or now when there is none or `time` cannot represent it.
+/// File systems with 64-bit timestamps (tmpfs, btrfs, some shares) hold times beyond the years ±9999, where
+/// `OffsetDateTime::from(SystemTime)` panics, and a panic here would stop the folder for good.
+fn capture_time(mtime: Option<SystemTime>) -> OffsetDateTime {
+    let at = |t: SystemTime| match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => OffsetDateTime::UNIX_EPOCH.checked_add(time::Duration::try_from(after).ok()?),
+        Err(before) => OffsetDateTime::UNIX_EPOCH.checked_sub(time::Duration::try_from(before.duration()).ok()?),
+    };
+    mtime.and_then(at).unwrap_or_else(OffsetDateTime::now_utc)
+}
+
 struct WatchHandle {
     _watcher: notify::RecommendedWatcher,
     /// Identity of the directory when the watch was set up: a directory deleted and recreated between two looks has
@@ -663,7 +674,8 @@ impl Folder {
             Dest::Done => self.src.cfg.done_dir(),
             Dest::Failed => self.src.cfg.failed_dir(),
         };
-        match move_into(path, &dir) {
+        let read_as = self.files.get(path).and_then(|e| e.read_as);
+        match move_checked(path, &dir, read_as) {
             Ok(to) => {
                 self.files.remove(path);
                 match &reason {
@@ -735,7 +747,7 @@ impl Folder {
             };
             match read_file(&path, self.src.cfg.max_file_bytes) {
                 Ok(ReadOutcome::Whole { bytes, stamp }) => {
-                    let captured_at = stamp.mtime.map(OffsetDateTime::from).unwrap_or_else(OffsetDateTime::now_utc);
+                    let captured_at = capture_time(stamp.mtime);
                     let (shot, rx) = Shot::new(
                         sku.clone(),
                         bytes,
@@ -844,6 +856,16 @@ pub fn error_file(path: &Path) -> PathBuf {
 /// Moves `src` into `dir` (created if needed) under its own name, or `stem-1.ext`, `stem-2.ext`, … when taken.
 /// Falls back to copy-and-delete across file systems. Returns the new path.
 pub fn move_into(src: &Path, dir: &Path) -> io::Result<PathBuf> {
+    move_checked(src, dir, None)
+}
+
+/// [`move_into`] for a file that must still be the version `read_as` that was processed. A rename takes whatever
+/// the name holds at that instant, microseconds after the caller's check. A copy across file systems takes as long as
+/// the file's copy and fsync, and a photo exported again under the same name meanwhile must be neither filed in
+/// place of the processed one nor deleted unprocessed. So the copy is made from the file opened once and checked
+/// against `read_as`, and the name is unlinked only if it still holds that same file; otherwise the new one stays
+/// in the folder to be processed.
+fn move_checked(src: &Path, dir: &Path, read_as: Option<Stamp>) -> io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let name = src.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
     let name = Path::new(name);
@@ -858,8 +880,18 @@ pub fn move_into(src: &Path, dir: &Path) -> io::Result<PathBuf> {
         return match std::fs::rename(src, &cand) {
             Ok(()) => Ok(cand),
             Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
-                copy_new(src, &cand)?;
-                std::fs::remove_file(src)?;
+                let from = std::fs::File::open(src)?;
+                let opened = from.metadata()?;
+                if read_as.is_some_and(|r| Stamp::of(&opened) != r) {
+                    return Err(io::Error::other("replaced since it was processed; not moved"));
+                }
+                copy_new(from, &cand)?;
+                match std::fs::symlink_metadata(src) {
+                    Ok(now) if file_id(&now) == file_id(&opened) => std::fs::remove_file(src)?,
+                    // Another file took the name during the copy: it stays, to be processed in its turn.
+                    _ => tracing::info!(path = %src.display(), "the file was replaced while it was copied out; the \
+                        new version stays in the folder"),
+                }
                 Ok(cand)
             }
             Err(e) => Err(e),
@@ -868,8 +900,7 @@ pub fn move_into(src: &Path, dir: &Path) -> io::Result<PathBuf> {
     Err(io::Error::other("no free file name"))
 }
 
-fn copy_new(src: &Path, dst: &Path) -> io::Result<()> {
-    let mut from = std::fs::File::open(src)?;
+fn copy_new(mut from: std::fs::File, dst: &Path) -> io::Result<()> {
     let mut to = std::fs::OpenOptions::new().write(true).create_new(true).open(dst)?;
     let copied = io::copy(&mut from, &mut to).and_then(|_| to.sync_all());
     if copied.is_err() {
@@ -883,6 +914,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn capture_time_is_the_modification_time_or_now_where_time_cannot_hold_it() {
+        let at = |secs: i64| {
+            let d = Duration::from_secs(secs.unsigned_abs());
+            if secs >= 0 { SystemTime::UNIX_EPOCH + d } else { SystemTime::UNIX_EPOCH - d }
+        };
+        assert_eq!(capture_time(Some(at(1_700_000_000))).unix_timestamp(), 1_700_000_000);
+        assert_eq!(capture_time(Some(at(-86_400))).unix_timestamp(), -86_400);
+        // 253,402,300,800 s is 10000-01-01: beyond what `time` holds without its large-dates feature.
+        for secs in [253_402_300_800, 1 << 40, -400_000_000_000, -(1 << 40)] {
+            let before = OffsetDateTime::now_utc();
+            let got = capture_time(Some(at(secs)));
+            assert!(got >= before && got <= OffsetDateTime::now_utc(), "{secs}: {got}");
+        }
+        let before = OffsetDateTime::now_utc();
+        assert!(capture_time(None) >= before);
+    }
+
+    #[test]
     fn default_pattern_takes_the_name_up_to_the_first_underscore_or_dot() {
         let p = SkuPattern::new(DEFAULT_SKU_PATTERN).unwrap();
         assert_eq!(p.sku("SKU123_front.jpg").as_deref(), Some("SKU123"));
@@ -890,6 +939,37 @@ mod tests {
         assert_eq!(p.sku("_front.jpg"), None);
         assert!(SkuPattern::new("^(?P<id>.+)$").is_err());
         assert!(SkuPattern::new("(").is_err());
+    }
+
+    #[test]
+    fn a_move_across_file_systems_files_only_the_version_that_was_processed() {
+        // tmpfs for the hot folder, the disk for done/: rename fails with EXDEV and the copy path runs.
+        let hot = tempfile::tempdir_in("/dev/shm").unwrap();
+        let disk = tempfile::tempdir().unwrap();
+        let dev = |p: &Path| file_id(&std::fs::metadata(p).unwrap()).unwrap().0;
+        assert_ne!(dev(hot.path()), dev(disk.path()), "the test needs two file systems");
+        let done = disk.path().join("done");
+        let f = hot.path().join("A_1.jpg");
+        let stamp = |p: &Path| Stamp::of(&std::fs::metadata(p).unwrap());
+
+        std::fs::write(&f, b"v1").unwrap();
+        let to = move_checked(&f, &done, Some(stamp(&f))).unwrap();
+        assert!(!f.exists());
+        assert_eq!(std::fs::read(&to).unwrap(), b"v1");
+
+        // Exported again, as studios do (written aside, renamed over the name), after its predecessor was processed:
+        // neither filed in place of the processed photo nor deleted.
+        std::fs::write(&f, b"v2").unwrap();
+        let processed = stamp(&f);
+        let aside = hot.path().join(".A_1.jpg.tmp");
+        std::fs::write(&aside, b"v3").unwrap();
+        std::fs::rename(&aside, &f).unwrap();
+        let e = move_checked(&f, &done, Some(processed)).unwrap_err();
+        assert!(e.to_string().contains("replaced"), "{e}");
+        assert_eq!(std::fs::read(&f).unwrap(), b"v3");
+        let mut names: Vec<_> = std::fs::read_dir(&done).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["A_1.jpg"], "nothing copied for the replaced photo");
     }
 
     #[test]

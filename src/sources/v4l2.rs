@@ -449,7 +449,10 @@ impl CameraSource {
             };
             let permit = tokio::select! {
                 p = in_flight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = shutdown.wait() => break,
+                _ = shutdown.wait() => {
+                    pending = Some((Trigger { sku }, tries));
+                    break;
+                }
             };
             let quality = self.cfg.jpeg_quality;
             let Some(g) = grabber.take() else { break };
@@ -483,37 +486,49 @@ impl CameraSource {
                 }
                 None => break,
             };
-            let origin = match kind {
-                SourceKind::Fake => Origin::Fake { camera: self.id.clone() },
-                _ => Origin::V4l2 { camera: self.id.clone() },
-            };
-            let captured_at = OffsetDateTime::now_utc();
-            let (shot, rx) = Shot::new(sku.clone(), jpeg.clone(), captured_at, origin.clone());
-            tokio::select! {
-                r = tx.send(shot) => if r.is_err() {
-                    tracing::error!(camera = %self.id, "the pipeline is gone; camera stops");
-                    break;
-                },
-                _ = shutdown.wait() => break,
-            }
-            tracing::debug!(camera = %self.id, %sku, bytes = jpeg.len(), "frame sent");
             let frame = HeldFrame {
                 frame: KeptFrame {
                     camera: self.id.clone(),
-                    sku,
+                    sku: sku.clone(),
                     jpeg,
-                    captured_at,
-                    replayed: matches!(origin, Origin::Fake { .. }),
+                    captured_at: OffsetDateTime::now_utc(),
+                    // A fake camera's frames are recorded ones; `HeldFrame::shot` names their origin from this.
+                    replayed: matches!(kind, SourceKind::Fake),
                     retry_min: self.cfg.retry_min,
                     retry_max: self.cfg.retry_max,
                 },
                 key: None,
             };
-            let resend = Resend { frame, tx: tx.clone(), shutdown: shutdown.clone(), held: self.held.clone() };
+            let bytes = frame.frame.jpeg.len();
+            let mut resend = Resend { frame, tx: tx.clone(), shutdown: shutdown.clone(), held: self.held.clone() };
+            let Some(rx) = resend.send().await else {
+                // The sources stop (or the pipeline is gone) before the frame got into the pipeline. It exists
+                // nowhere else: kept on disk for a stop, held in memory for a reload, like a frame not stored yet.
+                if tx.is_closed() {
+                    tracing::error!(camera = %self.id, "the pipeline is gone; camera stops");
+                }
+                resend.keep(0).await;
+                resend.hold();
+                break;
+            };
+            tracing::debug!(camera = %self.id, %sku, bytes, "frame sent");
             waiters.spawn(async move {
                 resend.until_stored(rx).await;
                 drop(permit);
             });
+        }
+        // Capture requests already answered (a 202 from /v1/capture, an MQTT reply) but not carried out: no frame
+        // exists for them, so all that can be done is to name them.
+        let mut not_taken: Vec<String> = pending.into_iter().map(|(t, _)| t.sku).collect();
+        if let Some(rx) = trigger.as_mut() {
+            rx.close();
+            while let Ok(t) = rx.try_recv() {
+                not_taken.push(t.sku);
+            }
+        }
+        if !not_taken.is_empty() {
+            tracing::warn!(camera = %self.id, skus = ?not_taken,
+                "camera stopping with capture requests not carried out: trigger them again");
         }
         if let Some(mut g) = grabber
             && open
@@ -568,7 +583,15 @@ pub struct HeldFrames(Arc<HeldInner>);
 #[derive(Debug, Default)]
 struct HeldInner {
     frames: std::sync::Mutex<Vec<HeldFrame>>,
-    store: std::sync::Mutex<Option<Outbox>>,
+    store: std::sync::Mutex<Store>,
+}
+
+/// Where held frames are kept. The path outlives [`HeldFrames::detach`]: a reload closes the outbox and opens the
+/// same file again, and its frames' keys must stay valid, or they would be taken in a second time.
+#[derive(Debug, Default)]
+struct Store {
+    outbox: Option<Outbox>,
+    last_path: Option<PathBuf>,
 }
 
 /// Locks a mutex whose data no panic can leave half-changed (a push, a take, a swap), so a poisoned lock is still whole.
@@ -580,15 +603,23 @@ impl HeldFrames {
     /// Keeps frames in `outbox` from now on, and takes in the frames it holds from an earlier process (those not held
     /// in memory already). Frames held in memory but kept in another database (the outbox moved in a reload) are
     /// kept again in this one when next refused. Returns how many frames it took in.
+    ///
+    /// Frames are kept in `outbox` from now on even when reading the ones it holds fails (that error is returned):
+    /// those stay in the database for the next start, and new refusals are not left in memory only.
     pub async fn attach(&self, outbox: &Outbox) -> Result<usize, OutboxError> {
-        let kept = outbox.kept_frames().await?;
-        let same = lock(&self.0.store).replace(outbox.clone()).is_some_and(|o| o.path() == outbox.path());
+        let kept = outbox.kept_frames().await;
+        let same = {
+            let mut store = lock(&self.0.store);
+            store.outbox = Some(outbox.clone());
+            store.last_path.replace(outbox.path().to_path_buf()).as_deref() == Some(outbox.path())
+        };
         let mut frames = lock(&self.0.frames);
         if !same {
             for f in frames.iter_mut() {
                 f.key = None;
             }
         }
+        let kept = kept?;
         let known: std::collections::BTreeSet<i64> = frames.iter().filter_map(|f| f.key).collect();
         let mut taken = 0;
         for (key, mut frame) in kept {
@@ -606,11 +637,11 @@ impl HeldFrames {
 
     /// Lets go of the outbox (the daemon closes it before it opens it again in a reload).
     pub fn detach(&self) {
-        lock(&self.0.store).take();
+        lock(&self.0.store).outbox.take();
     }
 
     fn store(&self) -> Option<Outbox> {
-        lock(&self.0.store).clone()
+        lock(&self.0.store).outbox.clone()
     }
 
     fn hold(&self, frame: HeldFrame) {
@@ -718,6 +749,9 @@ impl Resend {
     async fn send(&mut self) -> Option<tokio::sync::oneshot::Receiver<ShotOutcome>> {
         let (shot, rx) = self.frame.shot();
         tokio::select! {
+            // A frame the pipeline can take is handed over even when the stop has come too: the pipeline drains
+            // what it holds before it stops.
+            biased;
             r = self.tx.send(shot) => r.ok().map(|()| rx),
             _ = self.shutdown.wait() => None,
         }

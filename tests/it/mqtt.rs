@@ -276,6 +276,75 @@ async fn broker_down_at_start_then_everything_drains() {
     publisher.shutdown().await;
 }
 
+/// Rows a damaged disk or a hand edit could leave: each is skipped (and left in place) on its own, and a stretch of
+/// them longer than a read is not taken for the end of the outbox. Before, the first row whose text was not UTF-8
+/// failed every read from there on, and a short read after skipped rows stalled the replay until something new was
+/// stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_outbox_rows_are_skipped_and_every_result_after_them_is_published() {
+    let broker = Mosquitto::start_persistent();
+    let node = "edge-damaged";
+    let sub = Sub::start(broker.port, "it-damaged-sub", &[&format!("attrd/{node}/results/#")], true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = outbox_in(&dir);
+    let topics = Topics::new("attrd", node).unwrap();
+    let sent = enqueue_results(&outbox, &topics, 0..200, Duration::ZERO).await;
+    // 80 damaged rows in a row, more than one read of the publisher's (2 x max_in_flight of 16), then good ones.
+    let conn = rusqlite::Connection::open(dir.path().join("outbox.sqlite3")).unwrap();
+    let damages = [
+        "UPDATE outbox SET payload = CAST(X'7B22736B75223A22FF227D' AS TEXT) WHERE id = ?1", // invalid UTF-8
+        "UPDATE outbox SET topic = CAST(X'617474FF72642F' AS TEXT) WHERE id = ?1",
+        "UPDATE outbox SET payload = X'00010203' WHERE id = ?1", // a blob, not text
+        "UPDATE outbox SET payload = '{\"sku\": ' WHERE id = ?1", // cut JSON
+        "UPDATE outbox SET message_id = 'not-a-uuid' WHERE id = ?1",
+        "UPDATE outbox SET qos = 'one' WHERE id = ?1",
+    ];
+    let ids: Vec<i64> = conn
+        .prepare("SELECT id FROM outbox ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let damaged: Vec<i64> = ids[50..130].to_vec();
+    // Their ids before the damage (one kind of damage is to the id itself).
+    let bad_ids: HashSet<String> = conn
+        .prepare("SELECT message_id FROM outbox WHERE id >= ?1 AND id <= ?2")
+        .unwrap()
+        .query_map([damaged[0], damaged[damaged.len() - 1]], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(bad_ids.len(), 80);
+    for (i, id) in damaged.iter().enumerate() {
+        conn.execute(damages[i % damages.len()], [id]).unwrap();
+    }
+    drop(conn);
+
+    // Nothing is enqueued after this: the replay itself must get past the damaged stretch.
+    let (publisher, _cmds) = Publisher::start(&mqtt_cfg(broker.port, node), outbox.clone()).unwrap();
+    let want: HashSet<String> = sent.keys().filter(|id| !bad_ids.contains(*id)).cloned().collect();
+    assert_eq!(want.len(), 120);
+    let got = sub
+        .wait_for("the 120 undamaged results", 15, |m| {
+            let ids: HashSet<String> =
+                m.iter().filter_map(|m| m.json()["message_id"].as_str().map(str::to_owned)).collect();
+            want.is_subset(&ids)
+        })
+        .await;
+    assert_eq!(check_results(&got, &sent), want, "only the undamaged results, each as stored");
+    // The damaged rows stay for an operator to look at; everything else was acknowledged and deleted.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while outbox.depth().messages > 80 {
+        assert!(tokio::time::Instant::now() < deadline, "not drained down to the damaged rows: {:?}", outbox.depth());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(outbox.depth().messages, 80);
+    let left = outbox.read_batch(None, 1000).await.unwrap();
+    assert_eq!((left.rows, left.entries.len(), left.last_id), (80, 0, damaged.last().copied()));
+    publisher.shutdown().await;
+}
+
 /// A "broker" that accepts the connection and every publish but never acknowledges anything, then hangs up.
 async fn black_hole_broker(port: u16, hold: Duration) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -469,6 +538,8 @@ fn config_is_validated_before_anything_connects() {
     assert_eq!(ok.client_id(), "attrd-n");
     for bad in [
         MqttConfig { keep_alive: Duration::from_millis(500), ..ok.clone() },
+        MqttConfig { keep_alive: Duration::ZERO, ..ok.clone() },
+        MqttConfig { node: Some("models".into()), ..ok.clone() },
         MqttConfig { max_in_flight: 0, ..ok.clone() },
         MqttConfig { node: Some("a/b".into()), ..ok.clone() },
         MqttConfig { password: Some("p".into()), ..ok.clone() },

@@ -13,8 +13,8 @@ use attrd::sources::fake::{FakeCamera, mjpeg_frame, rgb_to_yuyv};
 use attrd::sources::hotfolder::{HotfolderConfig, HotfolderSource};
 use attrd::sources::v4l2::{Frame, PixelFormat, frame_to_jpeg, yuyv_to_rgb};
 use attrd::sources::{
-    CameraSource, HeldFrames, ShutdownSignal, Source, SourceConfig, SourceError, Trigger, V4l2Config, build,
-    build_with, run_all,
+    CameraSource, HeldFrames, Origin, Shot, ShutdownSignal, Source, SourceConfig, SourceError, Trigger, V4l2Config,
+    build, build_with, run_all,
 };
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -215,6 +215,42 @@ async fn hot_folder_keeps_a_file_whose_result_could_not_be_stored_and_retries_it
     assert_eq!(*seen.lock().unwrap(), ["RETRY", "RETRY", "RETRY"]);
     assert_eq!((stats.retry_later, stats.durable), (1, 2));
     assert_eq!(names(&hot.join("done")), ["RETRY_1-1.jpg", "RETRY_1.jpg"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_folder_takes_photos_whose_modification_time_is_beyond_the_year_9999() {
+    // tmpfs keeps 64-bit timestamps (ext4 stops at 2446), as do btrfs and some network shares.
+    let shm = Path::new("/dev/shm");
+    assert!(shm.is_dir(), "this test needs tmpfs at /dev/shm");
+    let tmp = tempfile::tempdir_in(shm).unwrap();
+    let hot = tmp.path().join("in");
+    std::fs::create_dir(&hot).unwrap();
+    let p = photos(2);
+    let far = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_800 + 86_400); // 10000-01-02
+    std::fs::copy(&p[0], hot.join("FAR_1.jpg")).unwrap();
+    std::fs::File::options().write(true).open(hot.join("FAR_1.jpg")).unwrap().set_modified(far).unwrap();
+    assert_eq!(std::fs::metadata(hot.join("FAR_1.jpg")).unwrap().modified().unwrap(), far, "tmpfs kept the time");
+
+    let (out, mut out_rx) = mpsc::channel::<Finished>(8);
+    let consumer = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(f) = out_rx.recv().await {
+            f.durable.send(Ok(())).unwrap();
+            got.push(f.payload);
+        }
+        got
+    });
+    let before = time::OffsetDateTime::now_utc();
+    let run = Running::start(vec![Box::new(HotfolderSource::new(hot_cfg(&hot)).unwrap())], cfg(), out);
+    // Before, this photo panicked the folder's thread: nothing after it was taken, at every start.
+    assert!(eventually(Duration::from_secs(60), || hot.join("done/FAR_1.jpg").is_file()).await, "{:?}", names(&hot));
+    drop_file(&hot, "NEXT_1.jpg", &std::fs::read(&p[1]).unwrap());
+    assert!(eventually(Duration::from_secs(60), || hot.join("done/NEXT_1.jpg").is_file()).await, "{:?}", names(&hot));
+    let stats = run.stop().await;
+    let got = consumer.await.unwrap();
+    let far_result = got.iter().find(|r| r.sku == "FAR").expect("a result for FAR");
+    assert!(far_result.captured_at >= before, "capture time {} falls back to now", far_result.captured_at);
+    assert_eq!((stats.durable, stats.failed), (2, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,7 +553,14 @@ async fn camera_frames_not_stored_yet_are_kept_across_reloads_and_restarts() {
     let mut kept: Vec<&str> = kept.iter().map(|(_, f)| f.sku.as_str()).collect();
     kept.sort_unstable();
     assert_eq!(kept, ["HELD-1", "HELD-2"], "kept once each");
+    // A reload, as the daemon does it: the outbox is let go, closed and opened again from the same file. The frames
+    // held in memory keep their keys and are not taken in a second time (before, each reload doubled them).
+    held.detach();
+    drop(outbox);
+    let outbox =
+        Outbox::open(&OutboxConfig { path: tmp.path().join("outbox.sqlite3"), ..OutboxConfig::default() }).unwrap();
     assert_eq!(held.attach(&outbox).await.unwrap(), 0, "frames held in memory are not taken in twice");
+    assert_eq!(held.len(), 2, "the same two frames, not four");
 
     // The next run refuses too and is stopped: the frames are held again.
     let (out, out_rx) = mpsc::channel::<Finished>(8);
@@ -570,6 +613,38 @@ async fn camera_frames_not_stored_yet_are_kept_across_reloads_and_restarts() {
         assert_eq!(r.source.kind, SourceKind::Fake);
         assert_eq!(r.captured_at, at, "the capture time of the frame, not of its resend");
     }
+}
+
+/// A frame grabbed while the pipeline cannot take it (its intake is full) when the sources stop: kept on disk and
+/// held for the next run. Before, the stop won the race and the frame, which exists nowhere else, was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_grabbed_as_the_camera_stops_is_kept_and_held_not_dropped() {
+    let photo = image::open(&photos(1)[0]).unwrap().to_rgb8();
+    let (cam, _ctl) = FakeCamera::new("fake0", vec![mjpeg_frame(&photo, 90).unwrap()]);
+    let cam_cfg = V4l2Config { device: "/dev/fake0".into(), name: Some("cam-s".into()), ..V4l2Config::default() };
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox =
+        Outbox::open(&OutboxConfig { path: tmp.path().join("outbox.sqlite3"), ..OutboxConfig::default() }).unwrap();
+    let held = HeldFrames::default();
+    held.attach(&outbox).await.unwrap();
+    let (trig, trig_rx) = mpsc::channel(4);
+    let camera = CameraSource::new(cam_cfg, Box::new(cam), Some(trig_rx)).unwrap().holding(held.clone());
+    // A pipeline whose intake is full and stays full.
+    let (tx, mut intake) = mpsc::channel::<Shot>(1);
+    let (filler, _) = Shot::new("FILL", vec![0], time::OffsetDateTime::now_utc(), Origin::Fake { camera: "x".into() });
+    tx.send(filler).await.unwrap();
+    let stop = ShutdownSignal::new();
+    let task = tokio::spawn(Box::new(camera).run(tx, stop.subscribe()));
+    trig.send(Trigger { sku: "STOP-1".into() }).await.unwrap();
+    // Grabbed and waiting to be handed over (a fake camera grabs in well under this).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.trigger();
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("the camera stops").unwrap();
+    assert_eq!(held.len(), 1, "the frame is held, not dropped");
+    let kept = outbox.kept_frames().await.unwrap();
+    assert_eq!(kept.iter().map(|(_, f)| f.sku.as_str()).collect::<Vec<_>>(), ["STOP-1"], "and kept on disk");
+    assert_eq!(intake.recv().await.unwrap().sku, "FILL");
+    assert!(intake.recv().await.is_none(), "nothing else reached the pipeline");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
