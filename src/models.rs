@@ -4,7 +4,7 @@
 //! `<name>-<version>/` per installed bundle, and `state.json` naming the active bundle and the activation history.
 //! `state.json` is replaced atomically, so a crash mid-activation leaves either the old or the new state.
 
-use crate::bundle::{self, Bundle, BundleError, SignatureStatus, TrustedKeys};
+use crate::bundle::{self, Bundle, BundleError, SignatureStatus, TrustedKeys, Unopened};
 use crate::engine::{Engine, EngineConfig, EngineError, Provider, postprocess};
 use crate::preprocess::{Limits, Preprocessor};
 use serde::{Deserialize, Serialize};
@@ -118,11 +118,21 @@ impl ModelStore {
 
     /// The signing key's id, or `None` for an unsigned bundle the store accepts (`allow_unsigned`).
     fn verify(&self, b: &Bundle) -> Result<Option<String>, BundleError> {
-        match b.verify(&self.trusted) {
+        self.judge(b.verify(&self.trusted), &b.label())
+    }
+
+    /// The signature check before anything but the manifest is read (see [`bundle::Unopened`]).
+    fn verify_first(&self, u: &Unopened) -> Result<(), BundleError> {
+        let m = u.manifest();
+        self.judge(u.verify(&self.trusted), &format!("{} {}", m.name, m.version)).map(drop)
+    }
+
+    fn judge(&self, status: Result<SignatureStatus, BundleError>, label: &str) -> Result<Option<String>, BundleError> {
+        match status {
             Ok(SignatureStatus::Verified { key_id }) => Ok(Some(key_id)),
             Ok(SignatureStatus::NotChecked) => Ok(None),
             Err(BundleError::Unsigned) if self.allow_unsigned => {
-                tracing::warn!(bundle = %b.label(), "accepting an unsigned bundle (allow_unsigned is set)");
+                tracing::warn!(bundle = %label, "accepting an unsigned bundle (allow_unsigned is set)");
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -133,6 +143,8 @@ impl ModelStore {
     pub fn install(&self, src: &Path) -> Result<Bundle, ModelError> {
         let meta = std::fs::metadata(src).map_err(io_err(src))?;
         if meta.is_dir() {
+            // The signature first: hashing the files of an untrusted directory is work it chooses.
+            self.verify_first(&Unopened::read(src)?)?;
             let b = Bundle::open(src)?;
             self.verify(&b)?;
             let id = bundle_id(&b);
@@ -143,7 +155,8 @@ impl ModelStore {
             let tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io_err(&self.dir))?;
             bundle::pack_tar(&b, tmp.path())?;
             let f = std::fs::File::open(tmp.path()).map_err(io_err(tmp.path()))?;
-            let installed = bundle::unpack_tar_checked(f, &self.dir, |b| self.verify(b).map(drop))?;
+            let installed =
+                bundle::unpack_tar_verified(f, &self.dir, |u| self.verify_first(u), |b| self.verify(b).map(drop))?;
             tracing::info!(bundle = %installed.label(), "bundle installed");
             Ok(installed)
         } else {
@@ -154,15 +167,41 @@ impl ModelStore {
 
     /// Installs a bundle archive from any reader (file, HTTP body, MQTT payload).
     pub fn install_tar(&self, archive: impl std::io::Read) -> Result<Bundle, ModelError> {
-        // Checked in staging: an untrusted bundle never sits where `activate` or `contains` could find it.
-        let b = bundle::unpack_tar_checked(archive, &self.dir, |b| self.verify(b).map(drop)).map_err(|e| match e {
-            BundleError::Io { path, source } if source.kind() == std::io::ErrorKind::AlreadyExists => {
-                // The path is the store directory the archive's bundle would have gone to.
-                let id = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                ModelError::AlreadyInstalled { label: id.clone(), id }
+        self.install_tar_as(archive, None)
+    }
+
+    /// [`install_tar`](Self::install_tar) for an archive announced as the bundle `expected` (name, version): one
+    /// that holds another, however well signed (another product line, an older version replayed), is refused
+    /// before it is unpacked any further than its manifest.
+    pub fn install_tar_as(
+        &self,
+        archive: impl std::io::Read,
+        expected: Option<(&str, &str)>,
+    ) -> Result<Bundle, ModelError> {
+        let first = |u: &Unopened| {
+            let m = u.manifest();
+            if let Some((name, version)) = expected
+                && (m.name != name || m.version.to_string() != version)
+            {
+                return Err(BundleError::NotAsAnnounced {
+                    expected: format!("{name} {version}"),
+                    got: format!("{} {}", m.name, m.version),
+                });
             }
-            other => other.into(),
-        })?;
+            self.verify_first(u)
+        };
+        // Checked in staging: an untrusted bundle never sits where `activate` or `contains` could find it.
+        let b =
+            bundle::unpack_tar_verified(archive, &self.dir, first, |b| self.verify(b).map(drop)).map_err(
+                |e| match e {
+                    BundleError::Io { path, source } if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                        // The path is the store directory the archive's bundle would have gone to.
+                        let id = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                        ModelError::AlreadyInstalled { label: id.clone(), id }
+                    }
+                    other => other.into(),
+                },
+            )?;
         tracing::info!(bundle = %b.label(), "bundle installed");
         Ok(b)
     }

@@ -4,7 +4,7 @@
 //! paths, no `..`, no links or devices, bounded size and entry count, and the result must open as a valid bundle
 //! before it is moved into place.
 
-use super::{Bundle, BundleError, GOLDEN_DIR, MANIFEST_FILE, io_err, is_known_top_level};
+use super::{Bundle, BundleError, GOLDEN_DIR, MANIFEST_FILE, Unopened, io_err, is_known_top_level};
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
@@ -72,6 +72,20 @@ pub fn unpack_tar_checked(
     models_dir: &Path,
     accept: impl FnOnce(&Bundle) -> Result<(), BundleError>,
 ) -> Result<Bundle, BundleError> {
+    unpack_tar_verified(archive, models_dir, |_| Ok(()), accept)
+}
+
+/// [`unpack_tar_checked`], with `first` run on the unpacked manifest before any other file is read or hashed: the
+/// place for the signature check, so an untrusted archive costs no more than its unpacking.
+///
+/// Every file and directory is on disk (fsynced) before the bundle takes its final name, and that name is too, before
+/// this returns: a store whose state file names the bundle after a power cut finds it whole.
+pub fn unpack_tar_verified(
+    archive: impl Read,
+    models_dir: &Path,
+    first: impl FnOnce(&Unopened) -> Result<(), BundleError>,
+    accept: impl FnOnce(&Bundle) -> Result<(), BundleError>,
+) -> Result<Bundle, BundleError> {
     std::fs::create_dir_all(models_dir).map_err(io_err(models_dir))?;
     let staging = tempfile::Builder::new().prefix(".unpack-").tempdir_in(models_dir).map_err(io_err(models_dir))?;
     let mut ar = tar::Archive::new(archive);
@@ -109,6 +123,7 @@ pub fn unpack_tar_checked(
                 if copied != limit {
                     return Err(BundleError::Archive(format!("{}: truncated archive", path.display())));
                 }
+                f.sync_all().map_err(io_err(&dest))?;
             }
             // pax/GNU long-name headers are consumed by the tar crate; anything else (links, devices, fifos) is refused.
             tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
@@ -122,8 +137,10 @@ pub fn unpack_tar_checked(
     }
     let root = find_root(staging.path())?;
     check_contents(&root)?;
+    first(&Unopened::read(&root)?)?;
     let bundle = Bundle::open(&root)?;
     accept(&bundle)?;
+    sync_dirs(staging.path())?;
     let final_dir = models_dir.join(format!("{}-{}", bundle.manifest().name, bundle.manifest().version));
     if final_dir.exists() {
         return Err(BundleError::Io {
@@ -132,7 +149,23 @@ pub fn unpack_tar_checked(
         });
     }
     std::fs::rename(&root, &final_dir).map_err(io_err(&final_dir))?;
+    sync_dir(models_dir)?;
     Bundle::open(&final_dir)
+}
+
+/// Fsyncs `dir` and every directory under it, so the names of the files in them are on disk.
+fn sync_dirs(dir: &Path) -> Result<(), BundleError> {
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        if entry.file_type().map_err(io_err(dir))?.is_dir() {
+            sync_dirs(&entry.path())?;
+        }
+    }
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), BundleError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
 fn safe_relative(path: &Path) -> Result<PathBuf, BundleError> {

@@ -13,7 +13,7 @@ mod archive;
 mod manifest;
 mod sign;
 
-pub use archive::{MAX_BUNDLE_BYTES, pack_tar, unpack_tar, unpack_tar_checked};
+pub use archive::{MAX_BUNDLE_BYTES, pack_tar, unpack_tar, unpack_tar_checked, unpack_tar_verified};
 pub use manifest::{
     AppliesTo, FileRef, GoldenItem, GoldenRef, GoldenSet, Head, HeadKind, Manifest, Precision, SCHEMA_VERSION,
     TrainingData,
@@ -71,6 +71,9 @@ pub enum BundleError {
     Golden(String),
     #[error("unsafe or malformed bundle archive: {0}")]
     Archive(String),
+    /// A shipped archive holds another bundle than the one it was announced as.
+    #[error("the archive holds {got}, but {expected} was announced")]
+    NotAsAnnounced { expected: String, got: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
@@ -95,10 +98,18 @@ pub enum SignatureStatus {
     NotChecked,
 }
 
-impl Bundle {
-    /// Opens a bundle directory: parses and validates the manifest and checks the ONNX and golden files against the
-    /// hashes it pins. Does not check the signature (see [`Bundle::verify`]).
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self, BundleError> {
+/// A bundle directory whose manifest was read and validated, and nothing else: its signature can be checked
+/// before [`Bundle::open`] hashes the ONNX and golden files, which for an untrusted archive is work an attacker
+/// chooses (thousands of golden items can all name one large file).
+#[derive(Debug, Clone)]
+pub struct Unopened {
+    dir: PathBuf,
+    manifest: Manifest,
+    manifest_bytes: Vec<u8>,
+}
+
+impl Unopened {
+    pub fn read(dir: impl AsRef<Path>) -> Result<Self, BundleError> {
         let dir = dir.as_ref().to_path_buf();
         let manifest_path = dir.join(MANIFEST_FILE);
         let manifest_bytes = match read_limited(&manifest_path, MAX_MANIFEST_BYTES) {
@@ -112,6 +123,39 @@ impl Bundle {
             ParseError::Json(source) => BundleError::ManifestJson { path: manifest_path.clone(), source },
             ParseError::Bundle(b) => b,
         })?;
+        Ok(Self { dir, manifest, manifest_bytes })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Checks `manifest.sig` against the trusted keys, as [`Bundle::verify`] does.
+    pub fn verify(&self, trusted: &TrustedKeys) -> Result<SignatureStatus, BundleError> {
+        verify_at(&self.dir, &self.manifest_bytes, trusted)
+    }
+}
+
+fn verify_at(dir: &Path, manifest_bytes: &[u8], trusted: &TrustedKeys) -> Result<SignatureStatus, BundleError> {
+    let sig = signature_at(dir)?.ok_or(BundleError::Unsigned)?;
+    let key_id = trusted.verify(manifest_bytes, &sig)?;
+    Ok(SignatureStatus::Verified { key_id })
+}
+
+fn signature_at(dir: &Path) -> Result<Option<SignatureFile>, BundleError> {
+    let path = dir.join(SIGNATURE_FILE);
+    match read_limited(&path, 64 << 10) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| BundleError::MalformedSignature(e.to_string())),
+        Err(BundleError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl Bundle {
+    /// Opens a bundle directory: parses and validates the manifest and checks the ONNX and golden files against the
+    /// hashes it pins. Does not check the signature (see [`Bundle::verify`]).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, BundleError> {
+        let Unopened { dir, manifest, manifest_bytes } = Unopened::read(dir)?;
         let onnx_sha256 = sha256_file(&dir.join(&manifest.onnx.file))?;
         if onnx_sha256 != manifest.onnx.sha256 {
             return Err(BundleError::HashMismatch {
@@ -127,19 +171,12 @@ impl Bundle {
 
     /// Checks `manifest.sig` against the trusted keys.
     pub fn verify(&self, trusted: &TrustedKeys) -> Result<SignatureStatus, BundleError> {
-        let sig = self.signature()?.ok_or(BundleError::Unsigned)?;
-        let key_id = trusted.verify(&self.manifest_bytes, &sig)?;
-        Ok(SignatureStatus::Verified { key_id })
+        verify_at(&self.dir, &self.manifest_bytes, trusted)
     }
 
     /// The detached signature, if the bundle has one.
     pub fn signature(&self) -> Result<Option<SignatureFile>, BundleError> {
-        let path = self.dir.join(SIGNATURE_FILE);
-        match read_limited(&path, 64 << 10) {
-            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| BundleError::MalformedSignature(e.to_string())),
-            Err(BundleError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        signature_at(&self.dir)
     }
 
     pub fn dir(&self) -> &Path {

@@ -53,22 +53,14 @@ pub async fn run(config_path: PathBuf, cfg: Config, set_log_filter: crate::SetLo
     // Camera frames whose results could not be stored yet outlive a reload here (they exist nowhere else; the outbox
     // database keeps them across restarts).
     let held = HeldFrames::default();
+    // Installed once, before anything else, and kept across reloads: a SIGHUP before the first READY would otherwise
+    // kill the process (its default action), and a SIGTERM during a reload's drain would be lost with the streams of
+    // the run that ended.
+    let mut signals = Signals::install()?;
     loop {
-        match serve(&config_path, &cfg, notifier, started, &held).await? {
+        match serve(&config_path, &cfg, notifier, started, &held, &mut signals).await? {
             Outcome::Stopped => {
-                let (kept, lost): (Vec<_>, Vec<_>) = held.take().into_iter().partition(|f| f.is_kept());
-                if !kept.is_empty() {
-                    tracing::warn!(
-                        frames = kept.len(),
-                        "camera frames whose results are not stored yet stay in the \
-                        outbox database; the next start sends them again"
-                    );
-                }
-                if !lost.is_empty() {
-                    let skus: Vec<&str> = lost.iter().map(|f| f.sku()).collect();
-                    tracing::error!(frames = lost.len(), skus = ?skus, "stopping with camera frames that could be \
-                        stored neither as results nor on disk: they are lost (take them again)");
-                }
+                report_held_at_stop(&held);
                 return Ok(());
             }
             Outcome::Reconfigure(new) => {
@@ -79,9 +71,56 @@ pub async fn run(config_path: PathBuf, cfg: Config, set_log_filter: crate::SetLo
                     tracing::warn!(error = %e, "log filter not changed");
                 }
                 cfg = *new;
+                if signals.stop_requested() {
+                    tracing::info!("stop requested during the reload's drain; not starting again");
+                    report_held_at_stop(&held);
+                    return Ok(());
+                }
                 tracing::info!(config = %config_path.display(), "configuration reloaded; starting again with it");
             }
         }
+    }
+}
+
+/// Names what becomes of the camera frames still held when the process ends.
+fn report_held_at_stop(held: &HeldFrames) {
+    let (kept, lost): (Vec<_>, Vec<_>) = held.take().into_iter().partition(|f| f.is_kept());
+    if !kept.is_empty() {
+        tracing::warn!(
+            frames = kept.len(),
+            "camera frames whose results are not stored yet stay in the outbox database; the next start sends them \
+             again"
+        );
+    }
+    if !lost.is_empty() {
+        let skus: Vec<&str> = lost.iter().map(|f| f.sku()).collect();
+        tracing::error!(frames = lost.len(), skus = ?skus, "stopping with camera frames that could be stored neither \
+            as results nor on disk: they are lost (take them again)");
+    }
+}
+
+/// The daemon's signal streams, for the life of the process.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+
+    /// Whether SIGTERM or SIGINT arrived since they were last looked at, without waiting.
+    fn stop_requested(&mut self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let term = self.term.poll_recv(&mut cx).is_ready();
+        let int = self.int.poll_recv(&mut cx).is_ready();
+        term || int
     }
 }
 
@@ -113,6 +152,7 @@ async fn serve(
     notifier: Notifier,
     started: Instant,
     held: &HeldFrames,
+    signals: &mut Signals,
 ) -> Result<Outcome> {
     let node = cfg.mqtt.node_name();
     let _broker =
@@ -215,9 +255,7 @@ async fn serve(
     tracing::info!(node = %node, startup_ms = started.elapsed().as_millis() as u64, "attrd ready");
 
     // Signals: TERM/INT stop; HUP re-reads the configuration (all or nothing) and the model store's active bundle.
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let Signals { term, int, hup } = signals;
     let outcome = loop {
         tokio::select! {
             _ = term.recv() => break Outcome::Stopped,

@@ -231,10 +231,12 @@ async fn install(
     let (store, full_cfg, activate) = (store.clone(), engine_cfg.clone(), cfg.receive_activate);
     let engine_cfg = full_cfg.clone();
     let name = ann.name.clone();
+    // What was announced is what may be installed: the signature says who made a bundle, not which one was shipped.
+    let expected = (ann.name.clone(), ann.version.clone());
     report(slot, &name, Some(ann), "installing", None);
     // Install and the golden-set self-test block (file I/O, inference): keep them off the async workers.
     let outcome = tokio::task::spawn_blocking(move || {
-        let b = match store.install_tar(std::io::Cursor::new(archive)) {
+        let b = match store.install_tar_as(std::io::Cursor::new(archive), Some((&expected.0, &expected.1))) {
             Ok(b) => b,
             Err(ModelError::AlreadyInstalled { label, .. }) => return Err(format!("{label} is already installed")),
             Err(e) => return Err(error_chain(&e)),

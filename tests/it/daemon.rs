@@ -554,8 +554,30 @@ async fn sighup_applies_a_valid_configuration_and_refuses_a_broken_one() {
             .any(|m| m.topic == result_on("it-hup-b", "HUP1") || m.topic == result_on("it-hup-a", "HUP3")),
         "each photo is published once, under the node name in force"
     );
-    child.kill().unwrap();
-    let _ = child.wait();
+
+    // A stop that comes while a reload drains (systemctl stop or restart right after a reload) is not lost with the
+    // signal handlers of the run that ended: attrd stops, gracefully, instead of serving on until systemd kills it.
+    std::fs::write(&node.config, good.replace("node = \"it-hup-a\"", "node = \"it-hup-c\"")).unwrap();
+    let drains = |log: &str| log.matches("shutting down").count();
+    let before = drains(&node.log());
+    hup(&child);
+    for _ in 0..400 {
+        if drains(&node.log()) > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(drains(&node.log()) > before, "the reload's drain began:\n{}", node.log());
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running 30 s after SIGTERM:\n{}", node.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}\n{}", node.log());
 }
 
 /// The broker stopped and restarted mid-stream: the daemon keeps capturing and inferring while it is away (files

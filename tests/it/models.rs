@@ -124,6 +124,56 @@ fn unsigned_and_untrusted_bundles_are_not_installed() {
     assert!(store.list().unwrap().is_empty());
 }
 
+/// An untrusted archive is refused on its signature before any of its files is hashed: its model file here does not
+/// match the manifest, and the refusal names the key, not the hash. (Hashing first let an unsigned archive whose
+/// golden items all name one large file keep a core busy for hours.)
+#[test]
+fn an_untrusted_archive_is_refused_before_its_files_are_hashed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(tmp.path().join("models"), demo_keys(), false).unwrap();
+    let foreign = variant(tmp.path(), "3.0.2", Some(&test_key()), 0.0);
+    let tar = tmp.path().join("foreign.tar");
+    bundle::pack_tar(&Bundle::open(&foreign).unwrap(), &tar).unwrap();
+    // The same archive with its model file's bytes changed (same length): a hash check would fail on it.
+    let mut bytes = std::fs::read(&tar).unwrap();
+    let onnx = std::fs::read(foreign.join("model.onnx")).unwrap();
+    let at = bytes.windows(64).position(|w| w == &onnx[onnx.len() / 2..onnx.len() / 2 + 64]).unwrap();
+    bytes[at] ^= 0xff;
+    let err = store.install_tar(&bytes[..]).unwrap_err();
+    assert!(err.to_string().contains("not trusted"), "{err}");
+    // With the key trusted, the same archive fails on the hash: the check above came first.
+    let trusting =
+        ModelStore::open(tmp.path().join("models2"), TrustedKeys::new([test_key().verifying_key()]), false).unwrap();
+    let err = trusting.install_tar(&bytes[..]).unwrap_err();
+    assert!(err.to_string().contains("SHA-256"), "{err}");
+    assert!(store.list().unwrap().is_empty() && trusting.list().unwrap().is_empty());
+}
+
+/// Shipped over MQTT, an archive must hold the bundle its announcement names: a well-signed bundle of another name
+/// or version (another product line, an old version replayed) is refused and not installed.
+#[test]
+fn an_archive_that_holds_another_bundle_than_announced_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store =
+        ModelStore::open(tmp.path().join("models"), TrustedKeys::new([test_key().verifying_key()]), false).unwrap();
+    let b = Bundle::open(variant(tmp.path(), "3.1.0", Some(&test_key()), 0.0)).unwrap();
+    let tar = tmp.path().join("b.tar");
+    bundle::pack_tar(&b, &tar).unwrap();
+    let bytes = std::fs::read(&tar).unwrap();
+    let name = b.manifest().name.clone();
+    for (n, v) in [(name.as_str(), "3.2.0"), ("other-line", "3.1.0")] {
+        let err = store.install_tar_as(&bytes[..], Some((n, v))).unwrap_err();
+        assert!(
+            matches!(&err, ModelError::Bundle(bundle::BundleError::NotAsAnnounced { expected, .. }) if *expected == format!("{n} {v}")),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&format!("{name} 3.1.0")), "names what the archive holds: {err}");
+    }
+    assert!(store.list().unwrap().is_empty(), "nothing installed");
+    let installed = store.install_tar_as(&bytes[..], Some((&name, "3.1.0"))).unwrap();
+    assert_eq!(installed.manifest().version.to_string(), "3.1.0");
+}
+
 /// The default (INT8) bundle re-signed with the test key as `version`, its golden set changed by `edit`.
 fn int8_variant(
     dir: &Path,
