@@ -259,7 +259,28 @@ impl Config {
         self.http.resolve_token().map_err(|e| ConfigError::Invalid(crate::util::error_chain(&e)))?;
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| ConfigError::Invalid(format!("log.filter {:?}: {e}", self.log.filter)))?;
-        self.mqtt.validate().map_err(|e| ConfigError::Invalid(format!("mqtt: {e}")))?;
+        self.mqtt.validate().map_err(|e| ConfigError::Invalid(format!("mqtt: {}", crate::util::error_chain(&e))))?;
+        // Reads the password and TLS files, as connecting would: missing ones are errors now, not after a reload
+        // has already torn the running daemon down.
+        crate::mqtt::install_crypto_provider();
+        self.mqtt
+            .client_options(&self.mqtt.client_id())
+            .map_err(|e| ConfigError::Invalid(format!("mqtt: {}", crate::util::error_chain(&e))))?;
+        crate::sources::validate(&self.sources)
+            .map_err(|e| ConfigError::Invalid(format!("sources: {}", crate::util::error_chain(&e))))?;
+        self.outbox.validate().map_err(|e| ConfigError::Invalid(format!("outbox: {e}")))?;
+        if self.outbox.max_bytes < MIN_OUTBOX_BYTES {
+            // A result is a few KB of JSON: below this, results would be refused as too large, photo after photo.
+            return bad(format!("outbox.max_bytes must be at least {MIN_OUTBOX_BYTES} (64 KiB)"));
+        }
+        if self.demo.seed_hotfolder.is_some()
+            && !self.sources.iter().any(|s| matches!(s, crate::sources::SourceConfig::Hotfolder(_)))
+        {
+            return bad("demo.seed_hotfolder is set but no hot folder is configured".into());
+        }
+        if self.shutdown_timeout.is_zero() {
+            return bad("shutdown_timeout must be greater than 0 (every stop would skip the drain)".into());
+        }
         if self.demo.spawn_broker && !matches!(self.mqtt.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
             return bad(format!("demo.spawn_broker needs mqtt.host on loopback, not {:?}", self.mqtt.host));
         }
@@ -269,6 +290,8 @@ impl Config {
         Ok(())
     }
 }
+
+const MIN_OUTBOX_BYTES: u64 = 64 * 1024;
 
 /// Removes `.` and `..` components without touching the file system (the path may not exist yet).
 fn normalize(p: &Path) -> PathBuf {

@@ -113,6 +113,10 @@ impl HttpConfig {
         if self.upload_timeout.is_zero() {
             return Err(HttpError::Config("http.upload_timeout is 0, must be greater".into()));
         }
+        if self.capture_timeout.is_zero() {
+            // Every trigger would be answered 503 whether or not it was taken, and clients would capture twice.
+            return Err(HttpError::Config("http.capture_timeout is 0, must be greater".into()));
+        }
         let (token, origin) = match (&self.token, &self.token_file) {
             (Some(_), Some(_)) => {
                 return Err(HttpError::Config("http.token and http.token_file are both set; use one".into()));

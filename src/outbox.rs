@@ -58,6 +58,15 @@ impl Default for OutboxConfig {
     }
 }
 
+impl OutboxConfig {
+    pub fn validate(&self) -> Result<(), OutboxError> {
+        if self.max_messages == 0 || self.max_bytes == 0 {
+            return Err(OutboxError::Config("max_messages and max_bytes must be greater than 0".into()));
+        }
+        Ok(())
+    }
+}
+
 /// Behaviour of a full outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -393,9 +402,7 @@ enum Write {
 impl Outbox {
     /// Opens (or creates) the outbox database, migrating its schema, and starts the worker thread.
     pub fn open(cfg: &OutboxConfig) -> Result<Self, OutboxError> {
-        if cfg.max_messages == 0 || cfg.max_bytes == 0 {
-            return Err(OutboxError::Config("max_messages and max_bytes must be greater than 0".into()));
-        }
+        cfg.validate()?;
         let path = cfg.path.clone();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| OutboxError::CreateDir { path: dir.to_owned(), source })?;

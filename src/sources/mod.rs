@@ -250,13 +250,10 @@ pub fn build_with(
     outbox: Option<&Outbox>,
     mut grabbers: impl FnMut(&V4l2Config) -> Result<Box<dyn FrameGrabber>, SourceError>,
 ) -> Result<Sources, SourceError> {
+    validate(configs)?;
     let mut out = Sources { sources: Vec::new(), triggers: BTreeMap::new() };
-    let mut names = std::collections::BTreeSet::new();
     for cfg in configs {
         let name = cfg.name();
-        if !names.insert(name.clone()) {
-            return Err(SourceError::DuplicateName(name));
-        }
         match cfg {
             SourceConfig::Hotfolder(c) => {
                 let mut h = HotfolderSource::new(c.clone())?;
@@ -274,6 +271,56 @@ pub fn build_with(
         }
     }
     Ok(out)
+}
+
+/// Checks sources' settings as [`build`] does, without opening a folder or a device: each source's own settings,
+/// unique names, and hot folders that do not overlap. A `done/` that is its own hot folder (or another source's)
+/// would have each filed photo taken again as a new one; two sources on one folder would process, or fail, each
+/// other's photos.
+pub fn validate(configs: &[SourceConfig]) -> Result<(), SourceError> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut folders: Vec<(String, PathBuf, PathBuf, PathBuf)> = Vec::new();
+    for cfg in configs {
+        let name = cfg.name();
+        if !names.insert(name.clone()) {
+            return Err(SourceError::DuplicateName(name));
+        }
+        match cfg {
+            SourceConfig::Hotfolder(c) => {
+                HotfolderSource::new(c.clone())?;
+                folders.push((name, c.dir.clone(), c.done_dir(), c.failed_dir()));
+            }
+            SourceConfig::V4l2(c) => {
+                // As built: with its trigger channel.
+                let (_tx, rx) = mpsc::channel(1);
+                CameraSource::new(c.clone(), Box::new(v4l2::Unplugged), Some(rx))?;
+            }
+        }
+    }
+    let clash = |name: &str, reason: String| Err(SourceError::Config { source_name: name.to_owned(), reason });
+    for (i, (name, dir, done, failed)) in folders.iter().enumerate() {
+        for (what, d) in [("done_dir", done), ("failed_dir", failed)] {
+            if d == dir {
+                return clash(name, format!("{what} {} is the hot folder itself", d.display()));
+            }
+        }
+        for (other, odir, odone, ofailed) in &folders[i + 1..] {
+            if odir == dir {
+                return clash(name, format!("{other} watches the same folder, {}", dir.display()));
+            }
+            for (who, what, d, watched) in [
+                (name, "done_dir", done, odir),
+                (name, "failed_dir", failed, odir),
+                (other, "done_dir", odone, dir),
+                (other, "failed_dir", ofailed, dir),
+            ] {
+                if d == watched {
+                    return clash(who, format!("{what} {} is another source's hot folder", d.display()));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// [`build_with`] using real V4L2 devices for cameras (or their `replay` directories).

@@ -827,8 +827,8 @@ async fn next_tick(t: &mut Option<tokio::time::Interval>) {
     }
 }
 
-/// Stands in for the grabber while it is out on a blocking thread.
-struct Unplugged;
+/// Stands in for the grabber while it is out on a blocking thread (and for checking a camera's settings).
+pub(crate) struct Unplugged;
 
 impl FrameGrabber for Unplugged {
     fn kind(&self) -> SourceKind {

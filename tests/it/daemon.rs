@@ -263,6 +263,27 @@ fn config_errors_are_specific() {
         ("[http]\ntoken = \"a\"\ntoken_file = \"b\"\n", "both set"),
         ("[http]\ntoken_file = \"no-such-token\"\n", "no-such-token"),
         ("[log]\nfilter = \"attrd=debg\"\n", "log.filter \"attrd=debg\""),
+        // Accepted before, and then failed (or misbehaved) only when a reload had already stopped the running daemon.
+        ("[outbox]\nmax_messages = 0\n", "max_messages and max_bytes must be greater than 0"),
+        ("[outbox]\nmax_bytes = 1000\n", "outbox.max_bytes must be at least 65536"),
+        ("[mqtt]\nusername = \"u\"\npassword_file = \"no-such-password\"\n", "no-such-password"),
+        ("[mqtt]\nkeep_alive = \"0s\"\n", "keep_alive"),
+        ("[mqtt]\nnode = \"models\"\n", "choose another node name"),
+        ("[http]\ncapture_timeout = \"0s\"\n", "capture_timeout is 0"),
+        ("shutdown_timeout = \"0s\"\n", "shutdown_timeout must be greater than 0"),
+        ("[demo]\nseed_hotfolder = \"photos\"\n", "no hot folder is configured"),
+        ("[[sources]]\ntype = \"hotfolder\"\ndir = \"in\"\nsku_pattern = \"^(.+)$\"\n", "sku"),
+        ("[[sources]]\ntype = \"hotfolder\"\ndir = \"in\"\ndone_dir = \"in\"\n", "is the hot folder itself"),
+        (
+            "[[sources]]\ntype = \"hotfolder\"\nname = \"a\"\ndir = \"in\"\n\
+             [[sources]]\ntype = \"hotfolder\"\nname = \"b\"\ndir = \"in\"\n",
+            "b watches the same folder",
+        ),
+        (
+            "[[sources]]\ntype = \"hotfolder\"\nname = \"a\"\ndir = \"in\"\n\
+             [[sources]]\ntype = \"hotfolder\"\nname = \"b\"\ndir = \"in/done\"\n",
+            "is another source's hot folder",
+        ),
     ];
     let key = repo().join("config/keys/attrd-demo.pub");
     for (i, (body, expect)) in cases.iter().enumerate() {
@@ -272,7 +293,9 @@ fn config_errors_are_specific() {
         } else {
             format!("[models]\ntrusted_keys = [\"{}\"]\n", key.display())
         };
-        std::fs::write(&path, format!("{keys}{body}")).unwrap();
+        // Top-level keys go before the first table.
+        let text = if body.starts_with('[') { format!("{keys}{body}") } else { format!("{body}{keys}") };
+        std::fs::write(&path, text).unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_attrd"))
             .args(["config", "check", "--config"])
             .arg(&path)
