@@ -68,6 +68,10 @@ pub struct HttpConfig {
     /// Default 60 s (64 MiB at 10 Mbit/s takes 54 s).
     #[serde(with = "humantime_serde")]
     pub upload_timeout: Duration,
+    /// Connections held open at once; further clients wait to be accepted. Clients that connect and send nothing,
+    /// or a header a byte at a time, use these up instead of the process's file descriptors, which the outbox,
+    /// MQTT, the hot folders and the watchdog need. Default 256.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -81,6 +85,7 @@ impl Default for HttpConfig {
             max_concurrent_infer: 4,
             capture_timeout: Duration::from_secs(10),
             upload_timeout: Duration::from_secs(60),
+            max_connections: 256,
         }
     }
 }
@@ -97,6 +102,7 @@ impl fmt::Debug for HttpConfig {
             .field("max_concurrent_infer", &self.max_concurrent_infer)
             .field("capture_timeout", &self.capture_timeout)
             .field("upload_timeout", &self.upload_timeout)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -112,6 +118,9 @@ impl HttpConfig {
         }
         if self.upload_timeout.is_zero() {
             return Err(HttpError::Config("http.upload_timeout is 0, must be greater".into()));
+        }
+        if self.max_connections == 0 {
+            return Err(HttpError::Config("http.max_connections is 0, must be at least 1".into()));
         }
         if self.capture_timeout.is_zero() {
             // Every trigger would be answered 503 whether or not it was taken, and clients would capture twice.
@@ -305,13 +314,107 @@ pub fn router(state: HttpState) -> Router {
 
 /// Binds `cfg.listen`. Separate from [`serve_on`] so the daemon can fail start-up on a taken port before it reports
 /// ready.
-pub async fn bind(cfg: &HttpConfig) -> Result<TcpListener, HttpError> {
+pub async fn bind(cfg: &HttpConfig) -> Result<HttpListener, HttpError> {
     let listener =
         TcpListener::bind(cfg.listen).await.map_err(|source| HttpError::Bind { addr: cfg.listen, source })?;
     if !cfg.listen.ip().is_loopback() && cfg.token.is_none() && cfg.token_file.is_none() {
         tracing::warn!(listen = %cfg.listen, "HTTP API reachable from the network without a token (set http.token_file)");
     }
-    Ok(listener)
+    Ok(HttpListener { inner: listener, open: Arc::new(Semaphore::new(cfg.max_connections.max(1))) })
+}
+/// The HTTP API's listening socket, with a bound on the connections it holds open at once
+/// ([`HttpConfig::max_connections`]). Clients that open connections and send nothing, or a header a byte at a time,
+/// then use up these, and further clients wait for one, rather than the process's file descriptors, which the
+/// outbox, MQTT, the hot folders and the watchdog's notifications need too.
+#[derive(Debug)]
+pub struct HttpListener {
+    inner: TcpListener,
+    open: Arc<Semaphore>,
+}
+
+impl HttpListener {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+impl axum::serve::Listener for HttpListener {
+    type Io = CountedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        // Invariant: nothing closes this semaphore, so acquiring can only wait, never fail.
+        let Ok(permit) = self.open.clone().acquire_owned().await else {
+            unreachable!("the connection semaphore is never closed")
+        };
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => return (CountedStream { stream, _permit: permit }, addr),
+                Err(e) => {
+                    // EMFILE and friends: the next accept may succeed once something was closed.
+                    tracing::warn!(error = %e, "accepting an HTTP connection failed; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An accepted connection, holding its place among [`HttpConfig::max_connections`] until it closes.
+#[derive(Debug)]
+pub struct CountedStream {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for CountedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CountedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
 }
 
 /// Binds `cfg.listen` and serves `router` until `shutdown` completes, then finishes the requests in flight.
@@ -326,7 +429,7 @@ pub async fn serve(
 
 /// Serves `router` on an already bound listener until `shutdown` completes (graceful: requests in flight finish).
 pub async fn serve_on(
-    listener: TcpListener,
+    listener: HttpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HttpError> {

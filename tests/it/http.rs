@@ -520,6 +520,34 @@ async fn serves_over_tcp_and_shuts_down_gracefully() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
 }
 
+/// Clients that connect and never finish a request (slowloris) hold at most `max_connections`: the next client
+/// waits to be accepted instead of the daemon running out of file descriptors (which the outbox, MQTT, the hot
+/// folders and the watchdog's notifications need), and is served once one of them goes.
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_instead_of_using_up_the_process() {
+    use tokio::io::AsyncWriteExt;
+    let cfg = HttpConfig { listen: "127.0.0.1:0".parse().unwrap(), max_connections: 3, ..HttpConfig::default() };
+    let listener = bind(&cfg).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = app_with(cfg, true, true, None);
+    let server = tokio::spawn(serve_on(listener, app.router.clone(), std::future::pending()));
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap(); // and never the blank line
+        stalled.push(s);
+    }
+    let probe = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    // The kernel completes the handshake (the listen backlog), but attrd does not take the connection.
+    let waiting = tokio::spawn(raw_http(addr, probe, b""));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!waiting.is_finished(), "a fourth connection was served while three were held");
+    drop(stalled.pop());
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("served").unwrap();
+    assert_eq!(status, 200);
+    server.abort();
+}
+
 #[tokio::test]
 async fn a_stalled_upload_gets_408_and_frees_its_slot() {
     let cfg = HttpConfig {
