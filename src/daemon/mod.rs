@@ -212,6 +212,8 @@ async fn serve(
 
     let (ready_tx, ready_rx) = watch::channel(false);
     let (http_stop_tx, mut http_stop_rx) = watch::channel(false);
+    // The token in force for this run, to notice a rotated token file on SIGHUP.
+    let token = if cfg.http.enabled { cfg.http.resolve_token().context("reading the HTTP token")? } else { None };
     let http_task = if cfg.http.enabled {
         let e = engine.clone();
         let source: EngineSource = Arc::new(move || Some(e.load_full()));
@@ -268,6 +270,12 @@ async fn serve(
                         notifier.status(&format!("reload refused: {e:#}"));
                     }
                     Ok(Some(new)) => break Outcome::Reconfigure(Box::new(new)),
+                    // The same settings, but a token file with a new token in it (a rotation): applied like any
+                    // other change, so `systemctl reload` rotates it.
+                    Ok(None) if cfg.http.enabled && matches!(cfg.http.resolve_token(), Ok(t) if t != token) => {
+                        tracing::info!("http token file changed; starting again with the new token");
+                        break Outcome::Reconfigure(Box::new(cfg.clone()));
+                    }
                     Ok(None) => {
                         // A model load and self-test can take a while; a stop request meanwhile is not kept waiting.
                         tokio::select! {

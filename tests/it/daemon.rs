@@ -603,6 +603,43 @@ async fn sighup_applies_a_valid_configuration_and_refuses_a_broken_one() {
     assert!(status.success(), "{status:?}\n{}", node.log());
 }
 
+/// `systemctl reload` rotates the HTTP token: a SIGHUP whose settings are unchanged but whose token file holds a new
+/// token starts again with it. Before, the old token stayed in force until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_file_takes_effect_on_sighup() {
+    let broker = Mosquitto::start();
+    let node = Node::new("it-token", broker.port);
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(&node.config, format!("{text}token_file = \"token\"\n")).unwrap();
+    std::fs::write(node.dir.path().join("token"), "old-token\n").unwrap();
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], node.http_port).into();
+    let metrics = |token: &str| {
+        format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
+    };
+    assert_eq!(crate::http::raw_http(addr, &metrics("old-token"), b"").await.0, 200);
+    assert_eq!(crate::http::raw_http(addr, &metrics("new-token"), b"").await.0, 401);
+
+    std::fs::write(node.dir.path().join("token"), "new-token\n").unwrap();
+    hup(&child);
+    let mut rotated = false;
+    for _ in 0..400 {
+        if node.log().matches("attrd ready").count() >= 2
+            && crate::http::raw_http(addr, &metrics("new-token"), b"").await.0 == 200
+        {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rotated, "the new token was not taken:\n{}", node.log());
+    assert!(node.log().contains("http token file changed"), "{}", node.log());
+    assert_eq!(crate::http::raw_http(addr, &metrics("old-token"), b"").await.0, 401);
+    child.kill().unwrap();
+    let _ = child.wait();
+}
+
 /// The broker stopped and restarted mid-stream: the daemon keeps capturing and inferring while it is away (files
 /// reach `done/` because their results are safe in the outbox), then replays; every photo arrives, none twice with
 /// different ids.

@@ -471,7 +471,7 @@ async fn concurrent_uploads_beyond_the_slot_count_all_complete() {
 }
 
 /// One raw HTTP/1.1 exchange on a fresh connection (`Connection: close`), returning status line, headers, body.
-async fn raw_http(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+pub(crate) async fn raw_http(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(head.as_bytes()).await.unwrap();
     s.write_all(body).await.unwrap();
