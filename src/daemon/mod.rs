@@ -235,7 +235,7 @@ async fn serve(
         mqtt.clone(),
         topics.clone(),
         engine.clone(),
-        outbox.clone(),
+        (outbox.clone(), cfg.outbox.clone()),
         publisher.state(),
         metrics.clone(),
         started,
@@ -669,7 +669,7 @@ async fn publish_status(
     mqtt: PublisherHandle,
     topics: Topics,
     engine: Arc<ArcSwap<Engine>>,
-    outbox: Outbox,
+    (outbox, limits): (Outbox, attrd::outbox::OutboxConfig),
     mut conn: watch::Receiver<attrd::mqtt::PublisherState>,
     metrics: Metrics,
     started: Instant,
@@ -690,6 +690,16 @@ async fn publish_status(
                     continue;
                 }
             }
+        }
+        // `outbox_full` is raised by a store that met a full outbox; once the publisher has drained it below 90 %,
+        // the cause is gone even if no new result comes to clear it.
+        let d = outbox.depth();
+        if d.messages.saturating_mul(10) < limits.max_messages.saturating_mul(9)
+            && d.bytes.saturating_mul(10) < limits.max_bytes.saturating_mul(9)
+            && let Some(r) = metrics.clear(Alarm::OutboxFull)
+        {
+            tracing::info!(alarm = Alarm::OutboxFull.as_str(), since = %r.since, messages = d.messages,
+                "alarm cleared: the outbox has room again");
         }
         let (connection, errors) = {
             let s = conn.borrow_and_update();

@@ -122,7 +122,8 @@ async fn a_full_disk_raises_an_alarm_keeps_every_photo_and_recovers_when_space_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_outbox_that_drops_results_raises_an_alarm_and_counts_what_it_dropped() {
     // No broker: every result stays in the outbox, which holds two.
-    let node = Node::with_bundle("it-drop", crate::common::free_port(), &repo().join("models/fashion-lite0-int8"));
+    let mqtt_port = crate::common::free_port();
+    let node = Node::with_bundle("it-drop", mqtt_port, &repo().join("models/fashion-lite0-int8"));
     let text = std::fs::read_to_string(&node.config).unwrap();
     let text = text.replace(
         "path = \"outbox.sqlite3\"",
@@ -150,4 +151,16 @@ async fn a_full_outbox_that_drops_results_raises_an_alarm_and_counts_what_it_dro
     assert_eq!(metric(port, alarm_series), Some(1.0), "{}", node.log());
     assert!(node.log().contains("ALARM results are being lost"), "{}", node.log());
     assert!(child.try_wait().unwrap().is_none(), "attrd died:\n{}", node.log());
+
+    // The broker comes, the outbox drains: the cause is gone, and so is the alarm, with no new photo to clear it.
+    let _broker = crate::common::Mosquitto::start_on(mqtt_port, false);
+    for _ in 0..600 {
+        if metric(port, alarm_series) == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(port, alarm_series), Some(0.0), "{}", node.log());
+    assert!(node.log().contains("alarm cleared: the outbox has room again"), "{}", node.log());
+    assert_eq!(metric(port, "attrd_results_dropped_total"), Some(3.0), "the count of what was lost stays");
 }
