@@ -72,6 +72,11 @@ pub struct HttpConfig {
     /// or a header a byte at a time, use these up instead of the process's file descriptors, which the outbox,
     /// MQTT, the hot folders and the watchdog need. Default 256.
     pub max_connections: usize,
+    /// A connection on which nothing is read or written for this long is closed, and its place among
+    /// `max_connections` freed: clients that vanished without closing (a rebooted station, a NAT that forgot the
+    /// flow) and idle keep-alive connections would otherwise hold their places for good. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -86,6 +91,7 @@ impl Default for HttpConfig {
             capture_timeout: Duration::from_secs(10),
             upload_timeout: Duration::from_secs(60),
             max_connections: 256,
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -103,6 +109,7 @@ impl fmt::Debug for HttpConfig {
             .field("capture_timeout", &self.capture_timeout)
             .field("upload_timeout", &self.upload_timeout)
             .field("max_connections", &self.max_connections)
+            .field("idle_timeout", &self.idle_timeout)
             .finish()
     }
 }
@@ -118,6 +125,9 @@ impl HttpConfig {
         }
         if self.upload_timeout.is_zero() {
             return Err(HttpError::Config("http.upload_timeout is 0, must be greater".into()));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(HttpError::Config("http.idle_timeout is 0, must be greater".into()));
         }
         if self.max_connections == 0 {
             return Err(HttpError::Config("http.max_connections is 0, must be at least 1".into()));
@@ -320,7 +330,11 @@ pub async fn bind(cfg: &HttpConfig) -> Result<HttpListener, HttpError> {
     if !cfg.listen.ip().is_loopback() && cfg.token.is_none() && cfg.token_file.is_none() {
         tracing::warn!(listen = %cfg.listen, "HTTP API reachable from the network without a token (set http.token_file)");
     }
-    Ok(HttpListener { inner: listener, open: Arc::new(Semaphore::new(cfg.max_connections.max(1))) })
+    Ok(HttpListener {
+        inner: listener,
+        open: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
+        idle_timeout: cfg.idle_timeout,
+    })
 }
 /// The HTTP API's listening socket, with a bound on the connections it holds open at once
 /// ([`HttpConfig::max_connections`]). Clients that open connections and send nothing, or a header a byte at a time,
@@ -330,6 +344,7 @@ pub async fn bind(cfg: &HttpConfig) -> Result<HttpListener, HttpError> {
 pub struct HttpListener {
     inner: TcpListener,
     open: Arc<Semaphore>,
+    idle_timeout: Duration,
 }
 
 impl HttpListener {
@@ -349,7 +364,18 @@ impl axum::serve::Listener for HttpListener {
         };
         loop {
             match self.inner.accept().await {
-                Ok((stream, addr)) => return (CountedStream { stream, _permit: permit }, addr),
+                Ok((stream, addr)) => {
+                    let idle = Box::pin(tokio::time::sleep(self.idle_timeout));
+                    return (CountedStream { stream, _permit: permit, idle, idle_timeout: self.idle_timeout }, addr);
+                }
+                // One client's connection failed before it was accepted: nothing to wait for.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionRefused
+                    ) => {}
                 Err(e) => {
                     // EMFILE and friends: the next accept may succeed once something was closed.
                     tracing::warn!(error = %e, "accepting an HTTP connection failed; retrying in 1 s");
@@ -369,25 +395,55 @@ impl axum::serve::Listener for HttpListener {
 pub struct CountedStream {
     stream: tokio::net::TcpStream,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Fires `idle_timeout` after the last byte read or written (see [`HttpConfig::idle_timeout`]).
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+    idle_timeout: Duration,
+}
+
+impl CountedStream {
+    fn active(&mut self) {
+        self.idle.as_mut().reset(tokio::time::Instant::now() + self.idle_timeout);
+    }
 }
 
 impl tokio::io::AsyncRead for CountedStream {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        use std::task::Poll;
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.active();
+                }
+                Poll::Ready(Ok(()))
+            }
+            // Waiting for the client: the connection's reader is what hyper polls while it is idle.
+            Poll::Pending if this.idle.as_mut().poll(cx).is_ready() => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "nothing read or written for longer than http.idle_timeout",
+            ))),
+            other => other,
+        }
     }
 }
 
 impl tokio::io::AsyncWrite for CountedStream {
     fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.stream).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.active();
+        }
+        r
     }
 
     fn poll_flush(
@@ -405,11 +461,16 @@ impl tokio::io::AsyncWrite for CountedStream {
     }
 
     fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.active();
+        }
+        r
     }
 
     fn is_write_vectored(&self) -> bool {

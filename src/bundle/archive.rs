@@ -78,7 +78,7 @@ pub fn unpack_tar_checked(
 /// [`unpack_tar_checked`], with `first` run on the unpacked manifest before any other file is read or hashed: the
 /// place for the signature check, so an untrusted archive costs no more than its unpacking.
 ///
-/// Every file and directory is on disk (fsynced) before the bundle takes its final name, and that name is too, before
+/// Once accepted, every file and directory is on disk (fsynced) before the bundle takes its final name, and that name is too, before
 /// this returns: a store whose state file names the bundle after a power cut finds it whole.
 pub fn unpack_tar_verified(
     archive: impl Read,
@@ -123,7 +123,6 @@ pub fn unpack_tar_verified(
                 if copied != limit {
                     return Err(BundleError::Archive(format!("{}: truncated archive", path.display())));
                 }
-                f.sync_all().map_err(io_err(&dest))?;
             }
             // pax/GNU long-name headers are consumed by the tar crate; anything else (links, devices, fifos) is refused.
             tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
@@ -153,12 +152,16 @@ pub fn unpack_tar_verified(
     Bundle::open(&final_dir)
 }
 
-/// Fsyncs `dir` and every directory under it, so the names of the files in them are on disk.
+/// Fsyncs every file under `dir`, then the directories, so the files and their names are on disk. Only for a
+/// bundle that passed its checks: forcing an untrusted archive's bytes to flash would be wear an attacker chooses.
 fn sync_dirs(dir: &Path) -> Result<(), BundleError> {
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
+        let path = entry.path();
         if entry.file_type().map_err(io_err(dir))?.is_dir() {
-            sync_dirs(&entry.path())?;
+            sync_dirs(&path)?;
+        } else {
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
         }
     }
     sync_dir(dir)

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 pub(crate) mod bench;
@@ -53,9 +53,9 @@ pub async fn run(config_path: PathBuf, cfg: Config, set_log_filter: crate::SetLo
     // Camera frames whose results could not be stored yet outlive a reload here (they exist nowhere else; the outbox
     // database keeps them across restarts).
     let held = HeldFrames::default();
-    // Installed once, before anything else, and kept across reloads: a SIGHUP before the first READY would otherwise
-    // kill the process (its default action), and a SIGTERM during a reload's drain would be lost with the streams of
-    // the run that ended.
+    // Kept across reloads, so a SIGTERM during a reload's drain is not lost with the streams of the run that ended.
+    // SIGHUP's is installed now (its default action would kill the process before the first READY); SIGTERM's and
+    // SIGINT's at the first READY, so until then a stop ends the start-up at once, as their default action does.
     let mut signals = Signals::install()?;
     loop {
         match serve(&config_path, &cfg, notifier, started, &held, &mut signals).await? {
@@ -101,25 +101,36 @@ fn report_held_at_stop(held: &HeldFrames) {
 
 /// The daemon's signal streams, for the life of the process.
 struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
+    hup: Signal,
+    /// SIGTERM's and SIGINT's, from the first READY on.
+    stop: Option<(Signal, Signal)>,
 }
 
 impl Signals {
     fn install() -> Result<Self> {
-        Ok(Self {
-            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
-            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
-            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
-        })
+        Ok(Self { hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?, stop: None })
+    }
+
+    /// SIGTERM's, SIGINT's and SIGHUP's streams, installing the first two on first use.
+    fn all(&mut self) -> Result<(&mut Signal, &mut Signal, &mut Signal)> {
+        if self.stop.is_none() {
+            self.stop = Some((
+                signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+                signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            ));
+        }
+        match &mut self.stop {
+            Some((term, int)) => Ok((term, int, &mut self.hup)),
+            None => unreachable!("installed just above"),
+        }
     }
 
     /// Whether SIGTERM or SIGINT arrived since they were last looked at, without waiting.
     fn stop_requested(&mut self) -> bool {
+        let Some((term, int)) = &mut self.stop else { return false };
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let term = self.term.poll_recv(&mut cx).is_ready();
-        let int = self.int.poll_recv(&mut cx).is_ready();
+        let term = term.poll_recv(&mut cx).is_ready();
+        let int = int.poll_recv(&mut cx).is_ready();
         term || int
     }
 }
@@ -257,7 +268,7 @@ async fn serve(
     tracing::info!(node = %node, startup_ms = started.elapsed().as_millis() as u64, "attrd ready");
 
     // Signals: TERM/INT stop; HUP re-reads the configuration (all or nothing) and the model store's active bundle.
-    let Signals { term, int, hup } = signals;
+    let (term, int, hup) = signals.all()?;
     let outcome = loop {
         tokio::select! {
             _ = term.recv() => break Outcome::Stopped,

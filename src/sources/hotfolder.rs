@@ -160,6 +160,11 @@ impl HotfolderSource {
         Ok(HotfolderSource { cfg, name, pattern, extensions, outbox: None })
     }
 
+    /// The file extensions it takes, lower case, without the dot.
+    pub fn extensions(&self) -> &[String] {
+        &self.extensions
+    }
+
     /// At start-up, files whose results the outbox already stores (a crash came between the result's commit and the
     /// file's move, see [`Outbox::covered_files_blocking`]) are filed to `done/` instead of being processed again:
     /// a photo fused with others would otherwise produce a second result, with another `message_id`.
@@ -652,6 +657,17 @@ impl Folder {
         }
     }
 
+    /// A file found replaced when its predecessor's outcome came: it goes through the pipeline as a new photo.
+    fn replaced(&mut self, path: &Path) {
+        let Some(entry) = self.files.get_mut(path) else { return };
+        tracing::info!(
+            source = %self.src.name, path = %path.display(),
+            "the file was replaced while it was processed; the new version is processed too"
+        );
+        entry.read_as = None;
+        entry.state = State::Settling { size: 0, mtime: None, since: Instant::now(), closed: false };
+    }
+
     /// Moves a file whose outcome is known out of the folder; a failed move is retried, never the shot.
     fn finish(&mut self, path: &Path, dest: Dest, reason: Option<String>) {
         if let Some(entry) = self.files.get_mut(path)
@@ -662,12 +678,7 @@ impl Folder {
             // Replaced (rewritten, or another file renamed over it) while its predecessor was processed: moving it
             // now would file a photo that never produced a result. The outcome belongs to the old photo, whose
             // result, if any, is stored; the new one is processed in its turn.
-            tracing::info!(
-                source = %self.src.name, path = %path.display(),
-                "the file was replaced while it was processed; the new version is processed too"
-            );
-            entry.read_as = None;
-            entry.state = State::Settling { size: 0, mtime: None, since: Instant::now(), closed: false };
+            self.replaced(path);
             return;
         }
         let dir = match dest {
@@ -689,6 +700,8 @@ impl Folder {
                     }
                 }
             }
+            // The same, found by a move across file systems, which checks again on the file it copies.
+            Err(e) if e.get_ref().is_some_and(|inner| inner.is::<Replaced>()) => self.replaced(path),
             Err(e) if e.kind() == io::ErrorKind::NotFound && !path.exists() => {
                 tracing::warn!(source = %self.src.name, path = %path.display(), "file vanished before it could be moved");
                 self.files.remove(path);
@@ -883,7 +896,7 @@ fn move_checked(src: &Path, dir: &Path, read_as: Option<Stamp>) -> io::Result<Pa
                 let from = std::fs::File::open(src)?;
                 let opened = from.metadata()?;
                 if read_as.is_some_and(|r| Stamp::of(&opened) != r) {
-                    return Err(io::Error::other("replaced since it was processed; not moved"));
+                    return Err(io::Error::other(Replaced));
                 }
                 copy_new(from, &cand)?;
                 match std::fs::symlink_metadata(src) {
@@ -899,6 +912,11 @@ fn move_checked(src: &Path, dir: &Path, read_as: Option<Stamp>) -> io::Result<Pa
     }
     Err(io::Error::other("no free file name"))
 }
+
+/// [`move_checked`]'s answer for a file that is no longer the version that was processed.
+#[derive(Debug, thiserror::Error)]
+#[error("replaced since it was processed; not moved")]
+struct Replaced;
 
 fn copy_new(mut from: std::fs::File, dst: &Path) -> io::Result<()> {
     let mut to = std::fs::OpenOptions::new().write(true).create_new(true).open(dst)?;

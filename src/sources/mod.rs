@@ -276,10 +276,10 @@ pub fn build_with(
 /// Checks sources' settings as [`build`] does, without opening a folder or a device: each source's own settings,
 /// unique names, and hot folders that do not overlap. A `done/` that is its own hot folder (or another source's)
 /// would have each filed photo taken again as a new one; two sources on one folder would process, or fail, each
-/// other's photos.
+/// other's photos (unless they take different extensions).
 pub fn validate(configs: &[SourceConfig]) -> Result<(), SourceError> {
     let mut names = std::collections::BTreeSet::new();
-    let mut folders: Vec<(String, PathBuf, PathBuf, PathBuf)> = Vec::new();
+    let mut folders: Vec<(String, PathBuf, PathBuf, PathBuf, Vec<String>)> = Vec::new();
     for cfg in configs {
         let name = cfg.name();
         if !names.insert(name.clone()) {
@@ -287,8 +287,8 @@ pub fn validate(configs: &[SourceConfig]) -> Result<(), SourceError> {
         }
         match cfg {
             SourceConfig::Hotfolder(c) => {
-                HotfolderSource::new(c.clone())?;
-                folders.push((name, c.dir.clone(), c.done_dir(), c.failed_dir()));
+                let h = HotfolderSource::new(c.clone())?;
+                folders.push((name, c.dir.clone(), c.done_dir(), c.failed_dir(), h.extensions().to_vec()));
             }
             SourceConfig::V4l2(c) => {
                 // As built: with its trigger channel.
@@ -298,15 +298,20 @@ pub fn validate(configs: &[SourceConfig]) -> Result<(), SourceError> {
         }
     }
     let clash = |name: &str, reason: String| Err(SourceError::Config { source_name: name.to_owned(), reason });
-    for (i, (name, dir, done, failed)) in folders.iter().enumerate() {
+    for (i, (name, dir, done, failed, exts)) in folders.iter().enumerate() {
         for (what, d) in [("done_dir", done), ("failed_dir", failed)] {
             if d == dir {
                 return clash(name, format!("{what} {} is the hot folder itself", d.display()));
             }
         }
-        for (other, odir, odone, ofailed) in &folders[i + 1..] {
-            if odir == dir {
-                return clash(name, format!("{other} watches the same folder, {}", dir.display()));
+        for (other, odir, odone, ofailed, oexts) in &folders[i + 1..] {
+            // Two sources may share a folder when they take different kinds of file (one JPEG, one PNG): each
+            // leaves the other's files alone.
+            if odir == dir && exts.iter().any(|e| oexts.contains(e)) {
+                return clash(
+                    name,
+                    format!("{other} watches the same folder, {}, for the same kind of file", dir.display()),
+                );
             }
             for (who, what, d, watched) in [
                 (name, "done_dir", done, odir),

@@ -313,6 +313,19 @@ fn config_errors_are_specific() {
     let out =
         Command::new(env!("CARGO_BIN_EXE_attrd")).args(["config", "check", "--config"]).arg(&path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Two sources may share a folder when they take different kinds of file.
+    let shared = tmp.path().join("shared.toml");
+    std::fs::write(
+        &shared,
+        format!(
+            "{keys}[[sources]]\ntype = \"hotfolder\"\nname = \"jpegs\"\ndir = \"in\"\nextensions = [\"jpg\"]\n\
+             [[sources]]\ntype = \"hotfolder\"\nname = \"pngs\"\ndir = \"in\"\nextensions = [\"png\"]\n"
+        ),
+    )
+    .unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_attrd")).args(["config", "check", "--config"]).arg(&shared).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // A bad ATTRD_LOG is an error too, not a silent fallback.
     let out = Command::new(env!("CARGO_BIN_EXE_attrd"))
         .args(["config", "check", "--config"])

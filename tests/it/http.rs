@@ -548,6 +548,32 @@ async fn connections_beyond_max_connections_wait_instead_of_using_up_the_process
     server.abort();
 }
 
+/// A connection on which nothing happens for `idle_timeout` is closed and frees its place: a client that vanished
+/// without closing, or an idle keep-alive connection, does not hold one of `max_connections` for good.
+#[tokio::test]
+async fn an_idle_connection_is_closed_and_frees_its_place() {
+    use tokio::io::AsyncReadExt;
+    let cfg = HttpConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_connections: 1,
+        idle_timeout: Duration::from_millis(400),
+        ..HttpConfig::default()
+    };
+    let listener = bind(&cfg).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = app_with(cfg, true, true, None);
+    let server = tokio::spawn(serve_on(listener, app.router.clone(), std::future::pending()));
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let probe = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let waiting = tokio::spawn(raw_http(addr, probe, b""));
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut byte)).await.expect("closed by attrd");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("served").unwrap();
+    assert_eq!(status, 200);
+    server.abort();
+}
+
 #[tokio::test]
 async fn a_stalled_upload_gets_408_and_frees_its_slot() {
     let cfg = HttpConfig {
