@@ -111,9 +111,11 @@ impl ModelStore {
         &self.dir
     }
 
-    /// Whether a bundle with store id `id` is installed.
+    /// Whether a bundle with store id `id` is installed: its directory holds a valid manifest. Its files' hashes are
+    /// checked where it is used (`get`, `activate`), not here: the receiver asks this for every announcement it
+    /// hears, at every reconnect, and hashing a large bundle each time would hold up the transfer messages behind it.
     pub fn contains(&self, id: &str) -> bool {
-        !id.contains(['/', '\\']) && id != ".." && Bundle::open(self.dir.join(id)).is_ok()
+        !id.contains(['/', '\\']) && id != ".." && Unopened::read(self.dir.join(id)).is_ok()
     }
 
     /// The signing key's id, or `None` for an unsigned bundle the store accepts (`allow_unsigned`).
