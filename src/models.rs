@@ -145,10 +145,10 @@ impl ModelStore {
     pub fn install(&self, src: &Path) -> Result<Bundle, ModelError> {
         let meta = std::fs::metadata(src).map_err(io_err(src))?;
         if meta.is_dir() {
-            // The signature first: hashing the files of an untrusted directory is work it chooses.
+            // The signature first: hashing the files of an untrusted directory is work it chooses. (What enters the
+            // store is checked again as it is unpacked below: the directory may change meanwhile.)
             self.verify_first(&Unopened::read(src)?)?;
             let b = Bundle::open(src)?;
-            self.verify(&b)?;
             let id = bundle_id(&b);
             if self.dir.join(&id).exists() {
                 return Err(ModelError::AlreadyInstalled { label: b.label(), id });
@@ -157,8 +157,7 @@ impl ModelStore {
             let tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(io_err(&self.dir))?;
             bundle::pack_tar(&b, tmp.path())?;
             let f = std::fs::File::open(tmp.path()).map_err(io_err(tmp.path()))?;
-            let installed =
-                bundle::unpack_tar_verified(f, &self.dir, |u| self.verify_first(u), |b| self.verify(b).map(drop))?;
+            let installed = bundle::unpack_tar_checked(f, &self.dir, |u| self.verify_first(u))?;
             tracing::info!(bundle = %installed.label(), "bundle installed");
             Ok(installed)
         } else {
@@ -193,17 +192,14 @@ impl ModelStore {
             self.verify_first(u)
         };
         // Checked in staging: an untrusted bundle never sits where `activate` or `contains` could find it.
-        let b =
-            bundle::unpack_tar_verified(archive, &self.dir, first, |b| self.verify(b).map(drop)).map_err(
-                |e| match e {
-                    BundleError::Io { path, source } if source.kind() == std::io::ErrorKind::AlreadyExists => {
-                        // The path is the store directory the archive's bundle would have gone to.
-                        let id = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                        ModelError::AlreadyInstalled { label: id.clone(), id }
-                    }
-                    other => other.into(),
-                },
-            )?;
+        let b = bundle::unpack_tar_checked(archive, &self.dir, first).map_err(|e| match e {
+            BundleError::Io { path, source } if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                // The path is the store directory the archive's bundle would have gone to.
+                let id = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                ModelError::AlreadyInstalled { label: id.clone(), id }
+            }
+            other => other.into(),
+        })?;
         tracing::info!(bundle = %b.label(), "bundle installed");
         Ok(b)
     }

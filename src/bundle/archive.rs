@@ -65,26 +65,16 @@ pub fn unpack_tar(archive: impl Read, models_dir: &Path) -> Result<Bundle, Bundl
     unpack_tar_checked(archive, models_dir, |_| Ok(()))
 }
 
-/// [`unpack_tar`], with `accept` (a signature check, say) run on the bundle while it is still in the staging
-/// directory: a bundle it refuses never appears under its final name, not even for a moment a crash could freeze.
+/// [`unpack_tar`], with `accept` (a signature check, say) run while the bundle is still in the staging directory,
+/// on its manifest alone, before any other file is read or hashed: a bundle it refuses never appears under its
+/// final name, not even for a moment a crash could freeze, and an untrusted archive costs no more than its unpacking.
+///
+/// Once accepted, every file and directory is on disk (fsynced) before the bundle takes its final name, and that
+/// name is too, before this returns: a store whose state file names the bundle after a power cut finds it whole.
 pub fn unpack_tar_checked(
     archive: impl Read,
     models_dir: &Path,
-    accept: impl FnOnce(&Bundle) -> Result<(), BundleError>,
-) -> Result<Bundle, BundleError> {
-    unpack_tar_verified(archive, models_dir, |_| Ok(()), accept)
-}
-
-/// [`unpack_tar_checked`], with `first` run on the unpacked manifest before any other file is read or hashed: the
-/// place for the signature check, so an untrusted archive costs no more than its unpacking.
-///
-/// Once accepted, every file and directory is on disk (fsynced) before the bundle takes its final name, and that name is too, before
-/// this returns: a store whose state file names the bundle after a power cut finds it whole.
-pub fn unpack_tar_verified(
-    archive: impl Read,
-    models_dir: &Path,
-    first: impl FnOnce(&Unopened) -> Result<(), BundleError>,
-    accept: impl FnOnce(&Bundle) -> Result<(), BundleError>,
+    accept: impl FnOnce(&Unopened) -> Result<(), BundleError>,
 ) -> Result<Bundle, BundleError> {
     std::fs::create_dir_all(models_dir).map_err(io_err(models_dir))?;
     let staging = tempfile::Builder::new().prefix(".unpack-").tempdir_in(models_dir).map_err(io_err(models_dir))?;
@@ -136,9 +126,8 @@ pub fn unpack_tar_verified(
     }
     let root = find_root(staging.path())?;
     check_contents(&root)?;
-    first(&Unopened::read(&root)?)?;
+    accept(&Unopened::read(&root)?)?;
     let bundle = Bundle::open(&root)?;
-    accept(&bundle)?;
     sync_dirs(staging.path())?;
     let final_dir = models_dir.join(format!("{}-{}", bundle.manifest().name, bundle.manifest().version));
     if final_dir.exists() {

@@ -13,7 +13,7 @@ mod archive;
 mod manifest;
 mod sign;
 
-pub use archive::{MAX_BUNDLE_BYTES, pack_tar, unpack_tar, unpack_tar_checked, unpack_tar_verified};
+pub use archive::{MAX_BUNDLE_BYTES, pack_tar, unpack_tar, unpack_tar_checked};
 pub use manifest::{
     AppliesTo, FileRef, GoldenItem, GoldenRef, GoldenSet, Head, HeadKind, Manifest, Precision, SCHEMA_VERSION,
     TrainingData,
