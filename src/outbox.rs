@@ -748,34 +748,32 @@ impl Worker {
             let mut writes = Vec::new();
             for op in ops {
                 match op {
-                    Op::Batch { after, limit, reply } => {
-                        self.commit_writes(std::mem::take(&mut writes));
-                        // The caller may have given up waiting; nothing to undo then.
-                        let _ = reply.send(self.batch(after, limit));
-                    }
                     Op::Writes(w) => writes.extend(w),
-                    // Frames come one at a time (a frame refused by a full outbox), so each is its own commit.
-                    Op::KeepFrame { frame, reply } => {
+                    other => {
                         self.commit_writes(std::mem::take(&mut writes));
-                        let _ = reply.send(self.keep_frame(&frame));
-                    }
-                    Op::ReleaseFrame { id, reply } => {
-                        self.commit_writes(std::mem::take(&mut writes));
-                        let _ = reply.send(release_frames(&self.conn, &[id]).map_err(OutboxError::from));
-                    }
-                    Op::KeptFrames { reply } => {
-                        self.commit_writes(std::mem::take(&mut writes));
-                        let _ = reply.send(self.kept_frames());
-                    }
-                    Op::Covered { dir, reply } => {
-                        self.commit_writes(std::mem::take(&mut writes));
-                        let _ = reply.send(self.covered(&dir));
+                        self.answer(other);
                     }
                 }
             }
             self.commit_writes(writes);
         }
         tracing::debug!("outbox worker stopped");
+    }
+
+    /// Answers an operation that is not a grouped write (the caller has committed the writes queued before it). The
+    /// caller may have given up waiting; nothing to undo then.
+    fn answer(&mut self, op: Op) {
+        match op {
+            Op::Writes(w) => self.commit_writes(w),
+            Op::Batch { after, limit, reply } => drop(reply.send(self.batch(after, limit))),
+            // Frames come one at a time (a frame refused by a full outbox), so each is its own commit.
+            Op::KeepFrame { frame, reply } => drop(reply.send(self.keep_frame(&frame))),
+            Op::ReleaseFrame { id, reply } => {
+                drop(reply.send(release_frames(&self.conn, &[id]).map_err(OutboxError::from)))
+            }
+            Op::KeptFrames { reply } => drop(reply.send(self.kept_frames())),
+            Op::Covered { dir, reply } => drop(reply.send(self.covered(&dir))),
+        }
     }
 
     fn keep_frame(&self, f: &KeptFrame) -> Result<i64, OutboxError> {
