@@ -77,6 +77,13 @@ pub struct HttpConfig {
     /// flow) and idle keep-alive connections would otherwise hold their places for good. Default 5 min.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// How long a client may take to send a request's line and headers, counted from when attrd starts waiting for
+    /// them: a new connection, or the end of the previous response on a kept-alive one (which is therefore closed
+    /// after this long without a new request). Slower clients are disconnected. Without it a client that sends a
+    /// header a byte at a time, each inside `idle_timeout`, would hold its place among `max_connections` for as
+    /// long as it liked. An upload's body has `upload_timeout`. Default 30 s (hyper's own default).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -92,6 +99,7 @@ impl Default for HttpConfig {
             upload_timeout: Duration::from_secs(60),
             max_connections: 256,
             idle_timeout: Duration::from_secs(300),
+            header_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -110,6 +118,7 @@ impl fmt::Debug for HttpConfig {
             .field("upload_timeout", &self.upload_timeout)
             .field("max_connections", &self.max_connections)
             .field("idle_timeout", &self.idle_timeout)
+            .field("header_timeout", &self.header_timeout)
             .finish()
     }
 }
@@ -128,6 +137,9 @@ impl HttpConfig {
         }
         if self.idle_timeout.is_zero() {
             return Err(HttpError::Config("http.idle_timeout is 0, must be greater".into()));
+        }
+        if self.header_timeout.is_zero() {
+            return Err(HttpError::Config("http.header_timeout is 0, must be greater".into()));
         }
         if self.max_connections == 0 {
             return Err(HttpError::Config("http.max_connections is 0, must be at least 1".into()));
@@ -334,6 +346,7 @@ pub async fn bind(cfg: &HttpConfig) -> Result<HttpListener, HttpError> {
         inner: listener,
         open: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
         idle_timeout: cfg.idle_timeout,
+        header_timeout: cfg.header_timeout,
     })
 }
 /// The HTTP API's listening socket, with a bound on the connections it holds open at once
@@ -345,19 +358,16 @@ pub struct HttpListener {
     inner: TcpListener,
     open: Arc<Semaphore>,
     idle_timeout: Duration,
+    header_timeout: Duration,
 }
 
 impl HttpListener {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.inner.local_addr()
     }
-}
 
-impl axum::serve::Listener for HttpListener {
-    type Io = CountedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    /// The next connection, once one of `max_connections` is free.
+    async fn accept(&mut self) -> (CountedStream, SocketAddr) {
         // Invariant: nothing closes this semaphore, so acquiring can only wait, never fail.
         let Ok(permit) = self.open.clone().acquire_owned().await else {
             unreachable!("the connection semaphore is never closed")
@@ -383,10 +393,6 @@ impl axum::serve::Listener for HttpListener {
                 }
             }
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
     }
 }
 
@@ -489,14 +495,54 @@ pub async fn serve(
 }
 
 /// Serves `router` on an already bound listener until `shutdown` completes (graceful: requests in flight finish).
+///
+/// Connections are served by hyper directly rather than through `axum::serve`, which gives hyper no timer, and so no
+/// header-read timeout ([`HttpConfig::header_timeout`]).
 pub async fn serve_on(
-    listener: HttpListener,
+    mut listener: HttpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HttpError> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let addr = listener.local_addr().map_err(HttpError::Serve)?;
     tracing::info!(%addr, "HTTP API listening");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await.map_err(HttpError::Serve)?;
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1.timer(TokioTimer::new()).header_read_timeout(listener.header_timeout);
+    // Closed once the API stops accepting: every connection then finishes the request it is in and closes.
+    let (stopping_tx, stopping_rx) = watch::channel(());
+    let mut connections = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (io, remote) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            |req: Request<hyper::body::Incoming>| req.map(axum::body::Body::new),
+        ));
+        let conn = http1.serve_connection(TokioIo::new(io), service).with_upgrades();
+        let mut stopping = stopping_rx.clone();
+        connections.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stopping.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                // A client that went away or was too slow is its own business, not the daemon's.
+                tracing::debug!(%remote, error = %error_chain(&e), "HTTP connection ended with an error");
+            }
+        });
+        // Reap finished connections so the set holds only open ones.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    drop(stopping_tx);
+    while connections.join_next().await.is_some() {}
     tracing::info!(%addr, "HTTP API stopped");
     Ok(())
 }

@@ -270,6 +270,7 @@ fn config_errors_are_specific() {
         ("[mqtt]\nkeep_alive = \"0s\"\n", "keep_alive"),
         ("[mqtt]\nnode = \"models\"\n", "choose another node name"),
         ("[http]\ncapture_timeout = \"0s\"\n", "capture_timeout is 0"),
+        ("[http]\nheader_timeout = \"0s\"\n", "header_timeout is 0"),
         ("shutdown_timeout = \"0s\"\n", "shutdown_timeout must be greater than 0"),
         ("[demo]\nseed_hotfolder = \"photos\"\n", "no hot folder is configured"),
         ("[[sources]]\ntype = \"hotfolder\"\ndir = \"in\"\nsku_pattern = \"^(.+)$\"\n", "sku"),

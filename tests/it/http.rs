@@ -599,3 +599,48 @@ async fn a_stalled_upload_gets_408_and_frees_its_slot() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     server.abort();
 }
+
+/// A client that sends its request's headers a byte at a time, each byte well inside `idle_timeout`, is
+/// disconnected once `header_timeout` has passed, and frees its place for the next client (slowloris).
+#[tokio::test]
+async fn a_client_dribbling_its_headers_is_disconnected_after_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cfg = HttpConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_connections: 1,
+        idle_timeout: Duration::from_secs(60),
+        header_timeout: Duration::from_millis(800),
+        ..HttpConfig::default()
+    };
+    let listener = bind(&cfg).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = app_with(cfg, true, true, None);
+    let server = tokio::spawn(serve_on(listener, app.router.clone(), std::future::pending()));
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let probe = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let waiting = tokio::spawn(raw_http(addr, probe, b""));
+    let started = std::time::Instant::now();
+    let header = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut closed = false;
+    for b in header {
+        assert!(!waiting.is_finished(), "a second client was served while the slow one held the only place");
+        if slow.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut byte = [0u8; 1];
+        // A closed connection reads as EOF (or a reset) at once; an open one has nothing to read yet.
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(1), slow.read(&mut byte)).await {
+            assert!(matches!(r, Ok(0) | Err(_)), "attrd answered a request it has not received: {r:?}");
+            closed = true;
+            break;
+        }
+    }
+    let took = started.elapsed();
+    assert!(closed, "still connected after {took:?} of dribbled headers");
+    assert!(took >= Duration::from_millis(700), "closed after {took:?}, before header_timeout");
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("served").unwrap();
+    assert_eq!(status, 200);
+    server.abort();
+}
