@@ -4,7 +4,15 @@ with graph optimisation level ALL (the engine's Level3) and intra_op_num_threads
 Usage: bench_infer.py MODEL.onnx INPUT.f32 BATCH THREADS SECONDS [KEY=VALUE ...]; INPUT.f32 is the Rust bench's
 --save-input (its first BATCH images are used). KEY=VALUE pairs are extra session config entries, for trying ONNX
 Runtime's options (docs/benchmarks.md, "P3 on an Intel Xeon"). Prints one JSON line like the Rust bench.
+
+For the levers tried in docs/benchmarks.md (not what attrd ships):
+- BATCH "mixed:N" runs a fixed pseudo-random sequence of batch sizes 1..N, the way a daemon's batches vary with
+  load; images/s then counts every image of the sequence.
+- ORT_PROVIDER=openvino runs on the OpenVINO execution provider (the onnxruntime-openvino wheel on PYTHONPATH) on
+  the CPU with THREADS threads, in fp32 precision for fp32 layers.
 """
+import os
+import random
 import json
 import sys
 import time
@@ -14,7 +22,10 @@ import onnxruntime as ort
 
 
 def main() -> None:
-    model, raw, batch, threads, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+    model, raw, threads, seconds = sys.argv[1], sys.argv[2], int(sys.argv[4]), float(sys.argv[5])
+    mixed = sys.argv[3].startswith("mixed:")
+    batch = int(sys.argv[3].removeprefix("mixed:"))
+    provider = os.environ.get("ORT_PROVIDER", "cpu")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # As attrd::engine::session_builder: ORT would otherwise quantize the layers a bundle keeps in fp32.
@@ -23,12 +34,36 @@ def main() -> None:
     extra = dict(kv.split("=", 1) for kv in sys.argv[6:])
     for k, v in extra.items():
         so.add_session_config_entry(k, v)
-    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    if provider == "openvino":
+        providers = [("OpenVINOExecutionProvider", {"device_type": "CPU", "num_of_threads": str(threads),
+                                                    "precision": "FP32"})]
+    elif provider == "cpu":
+        providers = ["CPUExecutionProvider"]
+    else:
+        sys.exit(f"ORT_PROVIDER must be cpu or openvino, not {provider!r}")
+    sess = ort.InferenceSession(model, so, providers=providers)
+    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if sess.get_providers()[0] != wanted:
+        # ONNX Runtime falls back to the CPU silently when a provider is missing.
+        sys.exit(f"asked for {provider}, got {sess.get_providers()}")
     inp = sess.get_inputs()[0]
     shape = [batch] + [int(d) for d in inp.shape[1:]]
     x = np.fromfile(raw, dtype="<f4", count=int(np.prod(shape))).reshape(shape)
-    for _ in range(5):
-        sess.run(None, {inp.name: x})
+    # Every batch size once first: some providers build per input shape on first sight.
+    for b in range(1, batch + 1) if mixed else [batch] * 5:
+        sess.run(None, {inp.name: x[:b]})
+    extra_fields = {**({"session_config": extra} if extra else {}), **({"provider": provider} if provider != "cpu" else {})}
+    if mixed:
+        sizes = random.Random(1).choices(range(1, batch + 1), k=1000)
+        images, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds or images == 0:
+            for b in sizes:
+                sess.run(None, {inp.name: x[:b]})
+            images += sum(sizes)
+        print(json.dumps({"impl": "onnxruntime-python", "model": model, "batch": f"mixed:{batch}", "threads": threads,
+                          "images_per_s": images / (time.perf_counter() - start), "onnxruntime": ort.__version__,
+                          **extra_fields}))
+        return
     ms = []
     start = time.perf_counter()
     while time.perf_counter() - start < seconds or len(ms) < 10:
@@ -39,7 +74,7 @@ def main() -> None:
     q = lambda p: ms[round((len(ms) - 1) * p)]
     print(json.dumps({"impl": "onnxruntime-python", "model": model, "batch": batch, "threads": threads, "runs": len(ms),
                       "median_ms": q(0.5), "p90_ms": q(0.9), "images_per_s": batch * 1e3 / q(0.5),
-                      "onnxruntime": ort.__version__, **({"session_config": extra} if extra else {})}))
+                      "onnxruntime": ort.__version__, **extra_fields}))
 
 
 if __name__ == "__main__":
