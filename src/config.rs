@@ -88,7 +88,9 @@ pub struct ModelsConfig {
     /// Activate a received bundle once installed (after its golden set passes on this box's provider). When false
     /// it is only installed, for `attrd model activate`.
     pub receive_activate: bool,
-    /// Largest bundle archive accepted over MQTT, in bytes.
+    /// Largest bundle archive accepted over MQTT, in bytes, and the most that transfers hold in memory together
+    /// (archives being assembled, and received ones waiting for their install): an announcement that does not fit
+    /// beside the transfers before it waits for them (`waiting` in `model/state`) and is fetched again after.
     pub receive_max_bytes: u64,
     /// How long the chunks of an announced bundle may take to arrive before the transfer is retried.
     #[serde(with = "humantime_serde")]

@@ -57,7 +57,11 @@ pub(crate) async fn run(
     // here with the upload's checksum and whether it was refused.
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, bool)>();
     let turn = Arc::new(tokio::sync::Mutex::new(()));
-    let mut installing: HashSet<String> = HashSet::new();
+    // Archives handed to an install (checksum → size): in memory until their install is done.
+    let mut installing: HashMap<String, u64> = HashMap::new();
+    // An announcement was put off because the transfers before it hold `receive_max_bytes`: once memory is freed,
+    // the retained announcements are asked for again (the broker keeps them; this loop keeps nothing of them).
+    let mut deferred = false;
     loop {
         let next_deadline = pending.values().map(|p| p.deadline).min();
         let msg = tokio::select! {
@@ -67,10 +71,13 @@ pub(crate) async fn run(
                 if refused {
                     rejected.insert(sha);
                 }
+                resume(&mut deferred, &mqtt, &filters);
                 continue;
             }
             _ = sleep_until(next_deadline) => {
-                expire(&mut pending, &mqtt, &slot, &cfg);
+                if expire(&mut pending, &mqtt, &slot, &cfg) {
+                    resume(&mut deferred, &mqtt, &filters);
+                }
                 continue;
             }
         };
@@ -80,6 +87,7 @@ pub(crate) async fn run(
                     tracing::info!(model = %name, "model announcement cleared");
                     if let Some(p) = pending.remove(&name) {
                         let _ = mqtt.unsubscribe(p.filter);
+                        resume(&mut deferred, &mqtt, &filters);
                     }
                     continue;
                 }
@@ -98,7 +106,7 @@ pub(crate) async fn run(
                     tracing::debug!(model = %name, transfer = %ann.transfer, "announcement of a rejected upload ignored");
                     continue;
                 }
-                if installing.contains(&ann.sha256) {
+                if installing.contains_key(&ann.sha256) {
                     tracing::debug!(model = %name, transfer = %ann.transfer, "announced upload is being installed");
                     continue;
                 }
@@ -109,6 +117,7 @@ pub(crate) async fn run(
                     tracing::debug!(model = %name, version = %ann.version, "announced bundle already installed");
                     if let Some(p) = pending.remove(&name) {
                         let _ = mqtt.unsubscribe(p.filter);
+                        resume(&mut deferred, &mqtt, &filters);
                     }
                     continue;
                 }
@@ -118,6 +127,19 @@ pub(crate) async fn run(
                 let Ok(filter) = topics.model_chunks_filter(&ann.name, &ann.transfer) else { continue };
                 if let Some(old) = pending.remove(&name) {
                     let _ = mqtt.unsubscribe(old.filter);
+                }
+                // Every transfer is assembled in memory, and a finished one stays there until installed: together
+                // they may hold `receive_max_bytes`, so that whoever may announce cannot make this box run out of
+                // memory by announcing many names at once. A single upload always fits once the others are done.
+                let held = pending.values().map(|p| p.assembly.announcement().size).sum::<u64>()
+                    + installing.values().sum::<u64>();
+                if held.saturating_add(ann.size) > cfg.receive_max_bytes {
+                    tracing::info!(model = %name, version = %ann.version, bytes = ann.size, held,
+                        max = cfg.receive_max_bytes,
+                        "model bundle announced; waiting for the transfers before it (models.receive_max_bytes)");
+                    report(&slot, &name, Some(&ann), "waiting", None);
+                    deferred = true;
+                    continue;
                 }
                 tracing::info!(model = %name, version = %ann.version, transfer = %ann.transfer, bytes = ann.size,
                     chunks = ann.chunk_count(), "model bundle announced; receiving");
@@ -151,7 +173,7 @@ pub(crate) async fn run(
                         let ann = p.assembly.announcement().clone();
                         match p.assembly.finish() {
                             Ok(archive) => {
-                                installing.insert(ann.sha256.clone());
+                                installing.insert(ann.sha256.clone(), ann.size);
                                 let (store, cfg, engine_cfg, slot) =
                                     (store.clone(), cfg.clone(), engine_cfg.clone(), slot.clone());
                                 let (done, turn) = (done_tx.clone(), turn.clone());
@@ -170,6 +192,7 @@ pub(crate) async fn run(
                                 rejected.insert(ann.sha256.clone());
                                 tracing::error!(model = %name, error = %error_chain(&e), "received bundle corrupt");
                                 report(&slot, &name, Some(&ann), "rejected", Some(&e));
+                                resume(&mut deferred, &mqtt, &filters);
                             }
                         }
                     }
@@ -181,6 +204,7 @@ pub(crate) async fn run(
                         rejected.insert(ann.sha256.clone());
                         tracing::error!(model = %name, error = %error_chain(&e), "received bundle chunk corrupt");
                         report(&slot, &name, Some(&ann), "rejected", Some(&e));
+                        resume(&mut deferred, &mqtt, &filters);
                     }
                 }
             }
@@ -195,9 +219,32 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// After memory held by transfers was freed: asks the broker again for the retained announcements, when one of them
+/// was put off for want of it. Those already installed, being installed or being received are skipped as usual.
+fn resume(deferred: &mut bool, mqtt: &PublisherHandle, filters: &[String]) {
+    if !std::mem::take(deferred) {
+        return;
+    }
+    tracing::info!("memory for model transfers freed; fetching the announcements put off");
+    for f in filters {
+        // Subscribing again makes the broker resend the retained messages that match.
+        let _ = mqtt.unsubscribe(f.clone());
+        if let Err(e) = mqtt.subscribe(f.clone()) {
+            tracing::error!(filter = %f, error = %e, "cannot subscribe to model announcements");
+        }
+    }
+}
+
 /// Chunks that did not arrive in time are asked for again (subscribing again makes the broker resend retained
-/// messages); after [`MAX_RETRIES`] the upload is given up until its next announcement.
-fn expire(pending: &mut HashMap<String, Pending>, mqtt: &PublisherHandle, slot: &ModelSlot, cfg: &ModelsConfig) {
+/// messages); after [`MAX_RETRIES`] the upload is given up until its next announcement. Returns whether one was
+/// given up (freeing its memory).
+fn expire(
+    pending: &mut HashMap<String, Pending>,
+    mqtt: &PublisherHandle,
+    slot: &ModelSlot,
+    cfg: &ModelsConfig,
+) -> bool {
+    let mut gave_up = false;
     let now = Instant::now();
     let expired: Vec<String> = pending.iter().filter(|(_, p)| p.deadline <= now).map(|(n, _)| n.clone()).collect();
     for name in expired {
@@ -216,8 +263,10 @@ fn expire(pending: &mut HashMap<String, Pending>, mqtt: &PublisherHandle, slot: 
             let why = format!("only {got} of {total} chunks arrived after {} tries", MAX_RETRIES + 1);
             tracing::error!(model = %name, error = %why, "model bundle transfer given up");
             report_text(slot, &name, Some(&ann), "failed", Some(why));
+            gave_up = true;
         }
     }
+    gave_up
 }
 
 async fn install(

@@ -493,6 +493,51 @@ async fn bundles_shipped_over_mqtt_are_verified_and_activated() {
     assert!(held.iter().all(|m| m.retain));
 }
 
+/// Transfers together hold at most `models.receive_max_bytes` in memory: with room for one bundle, two announced at
+/// once are received one after the other, the second waiting (and saying so) until the first is installed, instead
+/// of both being assembled at the same time. Both end installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_beyond_receive_max_bytes_wait_for_the_ones_before_them() {
+    let broker = Mosquitto::start();
+    let work = tempfile::tempdir().unwrap();
+    let key = demo_signing_key();
+    let a = ship(broker.port, &crate::models::renamed(work.path(), "model-a", "1.0.0", &key)).await;
+    let b = ship(broker.port, &crate::models::renamed(work.path(), "model-b", "1.0.0", &key)).await;
+    let room = a.announcement.size.max(b.announcement.size) * 3 / 2;
+    let node = Node::with_models(
+        "it-ship-mem",
+        broker.port,
+        &format!("receive = [\"*\"]\nreceive_activate = false\nreceive_timeout = \"30s\"\nreceive_max_bytes = {room}"),
+    );
+    let sub = Sub::start(broker.port, "it-ship-mem-sub", &[&format!("attrd/{}/model/state", node.name)], false).await;
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+    sub.wait_for("both bundles installed", 120, |_| {
+        transfer_states(&sub, &node.name).iter().filter(|v| v["transfer"]["status"] == "installed").count() == 2
+    })
+    .await;
+    let steps: Vec<(String, String)> = transfer_states(&sub, &node.name)
+        .iter()
+        .filter(|v| v["transfer"].is_object())
+        .map(|v| {
+            let t = &v["transfer"];
+            (t["name"].as_str().unwrap().to_string(), t["status"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let at = |name: &str, status: &str| steps.iter().position(|(n, s)| n == name && s == status);
+    // Whichever the broker delivered first is received first; the other waits.
+    let (first, second) =
+        if at("model-a", "waiting").is_some() { ("model-b", "model-a") } else { ("model-a", "model-b") };
+    assert!(at(second, "waiting").is_some(), "no transfer waited: {steps:?}");
+    assert!(at(first, "waiting").is_none(), "{steps:?}");
+    let second_received = steps.iter().rposition(|(n, s)| n == second && s == "receiving").expect("received");
+    assert!(second_received > at(first, "installed").unwrap(), "received while the first was held: {steps:?}");
+    assert!(node.log().contains("waiting for the transfers before it"), "{}", node.log());
+    assert!(child.try_wait().unwrap().is_none(), "attrd died:\n{}", node.log());
+    child.kill().unwrap();
+    let _ = child.wait();
+}
+
 fn background_states(sub: &Sub, node: &str) -> Vec<serde_json::Value> {
     transfer_states(sub, node).into_iter().filter(|v| !v["background"].is_null()).collect()
 }

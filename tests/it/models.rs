@@ -23,8 +23,23 @@ fn rebundle(
     signer: Option<&SigningKey>,
     edit: impl FnOnce(&mut bundle::GoldenSet),
 ) -> Result<PathBuf, bundle::BundleError> {
+    rebundle_as(src, out, None, version, signer, edit)
+}
+
+/// [`rebundle`], under another name too when `name` is given.
+fn rebundle_as(
+    src: &Path,
+    out: &Path,
+    name: Option<&str>,
+    version: &str,
+    signer: Option<&SigningKey>,
+    edit: impl FnOnce(&mut bundle::GoldenSet),
+) -> Result<PathBuf, bundle::BundleError> {
     let src = Bundle::open(src).unwrap();
     let mut m = src.manifest().clone();
+    if let Some(name) = name {
+        m.name = name.to_string();
+    }
     m.version = version.parse().unwrap();
     let mut set = src.golden().unwrap().expect("the source bundle ships a golden set");
     let images: Vec<(PathBuf, String)> = set
@@ -50,6 +65,12 @@ pub(crate) fn variant(dir: &Path, version: &str, signer: Option<&SigningKey>, sk
         }
     };
     rebundle(&imagenet_bundle(), &dir.join(format!("src-{version}")), version, signer, skew).unwrap()
+}
+
+/// A copy of the ImageNet bundle under another name and version.
+pub(crate) fn renamed(dir: &Path, name: &str, version: &str, signer: &SigningKey) -> PathBuf {
+    rebundle_as(&imagenet_bundle(), &dir.join(format!("{name}-{version}")), Some(name), version, Some(signer), |_| {})
+        .unwrap()
 }
 
 #[test]
