@@ -647,6 +647,73 @@ async fn a_frame_grabbed_as_the_camera_stops_is_kept_and_held_not_dropped() {
     assert!(intake.recv().await.is_none(), "nothing else reached the pipeline");
 }
 
+/// A camera whose grab waits until the test lets it finish, and says when it has begun.
+struct GatedCamera {
+    inner: FakeCamera,
+    begun: std::sync::mpsc::Sender<()>,
+    gate: std::sync::mpsc::Receiver<()>,
+}
+
+impl attrd::sources::FrameGrabber for GatedCamera {
+    fn kind(&self) -> SourceKind {
+        self.inner.kind()
+    }
+    fn open(
+        &mut self,
+        settings: &attrd::sources::v4l2::CaptureSettings,
+    ) -> Result<attrd::sources::v4l2::StreamInfo, attrd::sources::v4l2::CameraError> {
+        self.inner.open(settings)
+    }
+    fn grab(&mut self) -> Result<Frame, attrd::sources::v4l2::CameraError> {
+        let _ = self.begun.send(());
+        let _ = self.gate.recv();
+        self.inner.grab()
+    }
+    fn close(&mut self) {
+        self.inner.close()
+    }
+}
+
+/// The other side of the stop's race: a frame that is ready only after the stop has come, while the pipeline has
+/// room, goes into the pipeline (which drains what it holds before it stops) rather than being held for the next
+/// run. The hand-over is biased towards the pipeline; an unbiased one would pick either at random, so the race is
+/// run several times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_ready_after_the_stop_goes_into_a_pipeline_with_room() {
+    let photo = image::open(&photos(1)[0]).unwrap().to_rgb8();
+    let frame = mjpeg_frame(&photo, 90).unwrap();
+    for round in 0..8 {
+        let (begun_tx, begun) = std::sync::mpsc::channel();
+        let (open_gate, gate) = std::sync::mpsc::channel();
+        let cam = GatedCamera { inner: FakeCamera::new("gated", vec![frame.clone()]).0, begun: begun_tx, gate };
+        let cam_cfg = V4l2Config { device: "/dev/gated".into(), name: Some("cam-g".into()), ..V4l2Config::default() };
+        let held = HeldFrames::default();
+        let (trig, trig_rx) = mpsc::channel(4);
+        let camera = CameraSource::new(cam_cfg, Box::new(cam), Some(trig_rx)).unwrap().holding(held.clone());
+        let (tx, mut intake) = mpsc::channel::<Shot>(4);
+        let stop = ShutdownSignal::new();
+        let task = tokio::spawn(Box::new(camera).run(tx, stop.subscribe()));
+        let sku = format!("ROOM-{round}");
+        trig.send(Trigger { sku: sku.clone() }).await.unwrap();
+        tokio::task::spawn_blocking(move || begun.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("the grab began");
+        stop.trigger();
+        // Let the stop reach everything that watches it before the frame is ready.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        open_gate.send(()).unwrap();
+        let shot = tokio::time::timeout(Duration::from_secs(10), intake.recv())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: nothing reached the pipeline; held: {}", held.len()))
+            .unwrap_or_else(|| panic!("round {round}: the frame was not handed over; held: {}", held.len()));
+        assert_eq!(shot.sku, sku);
+        let _ = shot.done.unwrap().send(attrd::sources::ShotOutcome::Durable);
+        tokio::time::timeout(Duration::from_secs(10), task).await.expect("the camera stops").unwrap();
+        assert!(held.is_empty(), "round {round}: a frame the pipeline took is held too");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_folder_and_an_interval_camera_run_side_by_side() {
     let tmp = tempfile::tempdir().unwrap();
