@@ -198,10 +198,10 @@ async fn serve(
     let slot = Arc::new(ModelSlot::new(engine.clone(), active.clone(), report, metrics.clone(), mqtt.clone()));
     slot.publish();
     upgrade::spawn(slot.clone(), active, &cfg.engine);
-    let receiver_task = publisher
-        .take_model_messages()
-        .filter(|_| !cfg.models.receive.is_empty())
-        .map(|rx| tokio::spawn(receive::run(rx, store.clone(), cfg.models.clone(), cfg.engine.clone(), slot.clone())));
+    let receiver_task = publisher.take_model_messages().filter(|_| !cfg.models.receive.is_empty()).map(|rx| {
+        let connection = publisher.state();
+        tokio::spawn(receive::run(rx, store.clone(), cfg.models.clone(), cfg.engine.clone(), slot.clone(), connection))
+    });
 
     let (finished_tx, finished_rx) = mpsc::channel::<Finished>(cfg.pipeline.queue.max(1));
     let pipeline =

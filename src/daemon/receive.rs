@@ -9,10 +9,10 @@ use attrd::config::ModelsConfig;
 use attrd::engine::EngineConfig;
 use attrd::models::{self, ModelError, ModelStore};
 use attrd::mqtt::transfer::{Announcement, Assembly, TransferError};
-use attrd::mqtt::{ModelMessage, ModelTopic, PublisherHandle};
+use attrd::mqtt::{ModelMessage, ModelTopic, PublisherHandle, PublisherState};
 use attrd::util::{error_chain, now_rfc3339};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::slot::ModelSlot;
@@ -34,6 +34,7 @@ pub(crate) async fn run(
     cfg: ModelsConfig,
     engine_cfg: EngineConfig,
     slot: Arc<ModelSlot>,
+    connection: watch::Receiver<PublisherState>,
 ) {
     let mqtt = slot.mqtt().clone();
     let topics = mqtt.topics().clone();
@@ -62,6 +63,11 @@ pub(crate) async fn run(
     // An announcement was put off because the transfers before it hold `receive_max_bytes`: once memory is freed,
     // the retained announcements are asked for again (the broker keeps them; this loop keeps nothing of them).
     let mut deferred = false;
+    // Uploads given up for missing chunks (checksum → the connection's reconnect count then): not fetched again when
+    // the broker merely resends their retained announcement (as it does for `resume`), only when the upload is
+    // announced anew or after a reconnect. Otherwise the next `resume` would start the given-up upload again ahead
+    // of the ones waiting for its memory, and could do so for ever.
+    let mut given_up: HashMap<String, u64> = HashMap::new();
     loop {
         let next_deadline = pending.values().map(|p| p.deadline).min();
         let msg = tokio::select! {
@@ -75,7 +81,10 @@ pub(crate) async fn run(
                 continue;
             }
             _ = sleep_until(next_deadline) => {
-                if expire(&mut pending, &mqtt, &slot, &cfg) {
+                let reconnects = connection.borrow().reconnects;
+                let expired = expire(&mut pending, &mqtt, &slot, &cfg);
+                given_up.extend(expired.iter().map(|sha| (sha.clone(), reconnects)));
+                if !expired.is_empty() {
                     resume(&mut deferred, &mqtt, &filters);
                 }
                 continue;
@@ -106,6 +115,14 @@ pub(crate) async fn run(
                     tracing::debug!(model = %name, transfer = %ann.transfer, "announcement of a rejected upload ignored");
                     continue;
                 }
+                if let Some(&at) = given_up.get(&ann.sha256) {
+                    if msg.retain && connection.borrow().reconnects == at {
+                        tracing::debug!(model = %name, transfer = %ann.transfer,
+                            "announcement of an upload given up resent; not fetched again until announced anew");
+                        continue;
+                    }
+                    given_up.remove(&ann.sha256);
+                }
                 if installing.contains_key(&ann.sha256) {
                     tracing::debug!(model = %name, transfer = %ann.transfer, "announced upload is being installed");
                     continue;
@@ -127,6 +144,7 @@ pub(crate) async fn run(
                 let Ok(filter) = topics.model_chunks_filter(&ann.name, &ann.transfer) else { continue };
                 if let Some(old) = pending.remove(&name) {
                     let _ = mqtt.unsubscribe(old.filter);
+                    resume(&mut deferred, &mqtt, &filters);
                 }
                 // Every transfer is assembled in memory, and a finished one stays there until installed: together
                 // they may hold `receive_max_bytes`, so that whoever may announce cannot make this box run out of
@@ -178,6 +196,8 @@ pub(crate) async fn run(
                                     (store.clone(), cfg.clone(), engine_cfg.clone(), slot.clone());
                                 let (done, turn) = (done_tx.clone(), turn.clone());
                                 tokio::spawn(async move {
+                                    // Reports back even if the install panics: its memory must be counted free.
+                                    let mut report_back = Done { tx: done, sha: ann.sha256.clone(), refused: true };
                                     let _turn = turn.lock().await;
                                     let result = install(archive, &ann, &store, &cfg, &engine_cfg, &slot).await;
                                     if let Err(e) = &result {
@@ -185,7 +205,7 @@ pub(crate) async fn run(
                                             "received bundle rejected; the active model keeps serving");
                                         report_text(&slot, &name, Some(&ann), "rejected", Some(e.clone()));
                                     }
-                                    let _ = done.send((ann.sha256.clone(), result.is_err()));
+                                    report_back.refused = result.is_err();
                                 });
                             }
                             Err(e) => {
@@ -219,6 +239,19 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Tells the receive loop that an install is over (see `run`), when dropped: also when the install panicked.
+struct Done {
+    tx: mpsc::UnboundedSender<(String, bool)>,
+    sha: String,
+    refused: bool,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let _ = self.tx.send((std::mem::take(&mut self.sha), self.refused));
+    }
+}
+
 /// After memory held by transfers was freed: asks the broker again for the retained announcements, when one of them
 /// was put off for want of it. Those already installed, being installed or being received are skipped as usual.
 fn resume(deferred: &mut bool, mqtt: &PublisherHandle, filters: &[String]) {
@@ -227,24 +260,26 @@ fn resume(deferred: &mut bool, mqtt: &PublisherHandle, filters: &[String]) {
     }
     tracing::info!("memory for model transfers freed; fetching the announcements put off");
     for f in filters {
-        // Subscribing again makes the broker resend the retained messages that match.
-        let _ = mqtt.unsubscribe(f.clone());
+        // Subscribing again to a filter already held replaces the subscription, and the broker resends the retained
+        // messages that match (MQTT 3.1.1, 3.8.4). No unsubscribe first: a refused subscribe after it would leave the
+        // filter out of the ones restored at every reconnect. A refused one is tried again at the next chance.
         if let Err(e) = mqtt.subscribe(f.clone()) {
-            tracing::error!(filter = %f, error = %e, "cannot subscribe to model announcements");
+            tracing::warn!(filter = %f, error = %e, "cannot ask for the model announcements again yet");
+            *deferred = true;
         }
     }
 }
 
 /// Chunks that did not arrive in time are asked for again (subscribing again makes the broker resend retained
-/// messages); after [`MAX_RETRIES`] the upload is given up until its next announcement. Returns whether one was
-/// given up (freeing its memory).
+/// messages); after [`MAX_RETRIES`] the upload is given up until its next announcement. Returns the checksums of
+/// the uploads given up (whose memory is free now).
 fn expire(
     pending: &mut HashMap<String, Pending>,
     mqtt: &PublisherHandle,
     slot: &ModelSlot,
     cfg: &ModelsConfig,
-) -> bool {
-    let mut gave_up = false;
+) -> Vec<String> {
+    let mut gave_up = Vec::new();
     let now = Instant::now();
     let expired: Vec<String> = pending.iter().filter(|(_, p)| p.deadline <= now).map(|(n, _)| n.clone()).collect();
     for name in expired {
@@ -255,7 +290,7 @@ fn expire(
             p.deadline = now + cfg.receive_timeout;
             tracing::warn!(model = %name, received = got, chunks = total, retry = p.retries,
                 "model bundle chunks missing; asking the broker again");
-            let _ = mqtt.unsubscribe(p.filter.clone());
+            // Subscribing again replaces the subscription and makes the broker resend the retained chunks.
             let _ = mqtt.subscribe(p.filter.clone());
         } else if let Some(p) = pending.remove(&name) {
             let _ = mqtt.unsubscribe(p.filter.clone());
@@ -263,7 +298,7 @@ fn expire(
             let why = format!("only {got} of {total} chunks arrived after {} tries", MAX_RETRIES + 1);
             tracing::error!(model = %name, error = %why, "model bundle transfer given up");
             report_text(slot, &name, Some(&ann), "failed", Some(why));
-            gave_up = true;
+            gave_up.push(ann.sha256.clone());
         }
     }
     gave_up

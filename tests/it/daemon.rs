@@ -530,9 +530,63 @@ async fn transfers_beyond_receive_max_bytes_wait_for_the_ones_before_them() {
         if at("model-a", "waiting").is_some() { ("model-b", "model-a") } else { ("model-a", "model-b") };
     assert!(at(second, "waiting").is_some(), "no transfer waited: {steps:?}");
     assert!(at(first, "waiting").is_none(), "{steps:?}");
-    let second_received = steps.iter().rposition(|(n, s)| n == second && s == "receiving").expect("received");
+    let second_received = steps.iter().position(|(n, s)| n == second && s == "receiving").expect("received");
     assert!(second_received > at(first, "installed").unwrap(), "received while the first was held: {steps:?}");
     assert!(node.log().contains("waiting for the transfers before it"), "{}", node.log());
+    assert!(child.try_wait().unwrap().is_none(), "attrd died:\n{}", node.log());
+    child.kill().unwrap();
+    let _ = child.wait();
+}
+
+/// An upload given up for missing chunks does not take the memory back from the one waiting for it: when the budget
+/// is freed and the broker resends the retained announcements, the given-up upload is not fetched again (it would be
+/// given up again after the same wait, and again, while the other one waited for ever); the waiting one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_given_up_does_not_starve_the_one_waiting_behind_it() {
+    let broker = Mosquitto::start();
+    let work = tempfile::tempdir().unwrap();
+    let key = demo_signing_key();
+    // Shipped first, so that the broker resends its announcement first.
+    let broken = ship(broker.port, &crate::models::renamed(work.path(), "model-a", "1.0.0", &key)).await;
+    let fine = ship(broker.port, &crate::models::renamed(work.path(), "model-b", "1.0.0", &key)).await;
+    let gone = format!("attrd/models/model-a/chunks/{}/3", broken.announcement.transfer);
+    let st = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1", "-r", "-n", "-t", &gone])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let room = broken.announcement.size.max(fine.announcement.size) * 3 / 2;
+    let node = Node::with_models(
+        "it-ship-starve",
+        broker.port,
+        &format!("receive = [\"*\"]\nreceive_activate = false\nreceive_timeout = \"1s\"\nreceive_max_bytes = {room}"),
+    );
+    let sub =
+        Sub::start(broker.port, "it-ship-starve-sub", &[&format!("attrd/{}/model/state", node.name)], false).await;
+    let mut child = node.start();
+    wait_ready(&node, &mut child).await;
+    sub.wait_for("model-b installed", 120, |_| {
+        transfer_states(&sub, &node.name)
+            .iter()
+            .any(|v| v["transfer"]["name"] == "model-b" && v["transfer"]["status"] == "installed")
+    })
+    .await;
+    // Long enough for a restarted model-a to show: it reports `receiving` at once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let steps: Vec<(String, String)> = transfer_states(&sub, &node.name)
+        .iter()
+        .filter(|v| v["transfer"].is_object())
+        .map(|v| {
+            let t = &v["transfer"];
+            (t["name"].as_str().unwrap().to_string(), t["status"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let failed = steps.iter().position(|(n, s)| n == "model-a" && s == "failed");
+    let failed = failed.unwrap_or_else(|| panic!("model-a, missing a chunk, was not given up: {steps:?}"));
+    assert!(
+        !steps[failed..].iter().any(|(n, s)| n == "model-a" && s == "receiving"),
+        "the given-up upload was fetched again: {steps:?}"
+    );
     assert!(child.try_wait().unwrap().is_none(), "attrd died:\n{}", node.log());
     child.kill().unwrap();
     let _ = child.wait();
