@@ -9,7 +9,7 @@ use attrd::config::ModelsConfig;
 use attrd::engine::EngineConfig;
 use attrd::models::{self, ModelError, ModelStore};
 use attrd::mqtt::transfer::{Announcement, Assembly, TransferError};
-use attrd::mqtt::{ModelMessage, ModelTopic, PublisherHandle, PublisherState};
+use attrd::mqtt::{ModelMessages, ModelTopic, PublisherHandle, PublisherState};
 use attrd::util::{error_chain, now_rfc3339};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -29,7 +29,7 @@ struct Pending {
 }
 
 pub(crate) async fn run(
-    mut rx: mpsc::Receiver<ModelMessage>,
+    mut rx: ModelMessages,
     store: ModelStore,
     cfg: ModelsConfig,
     engine_cfg: EngineConfig,

@@ -14,7 +14,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
-pub use publisher::{Connection, IncomingCommand, ModelMessage, Publisher, PublisherHandle, PublisherState};
+pub use publisher::{
+    Connection, IncomingCommand, ModelMessage, ModelMessages, Publisher, PublisherHandle, PublisherState,
+};
 pub use topics::{CommandKind, CommandTopic, ModelTopic, TopicError, Topics};
 
 /// How to reach the broker and how to behave on it.

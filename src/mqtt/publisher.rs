@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rumqttc::{
@@ -139,9 +139,57 @@ pub struct ModelMessage {
     pub retain: bool,
 }
 
-/// Model messages waiting for the daemon. A chunk that does not fit is dropped and logged; the receiver asks for it
-/// again by re-subscribing, since every model message is retained.
-const MODEL_QUEUE: usize = 64;
+/// Bytes of model messages waiting for the daemon (payloads, plus [`MODEL_MESSAGE_OVERHEAD`] each). Bounded in
+/// bytes, not messages: a subscription to `<prefix>/models/+` brings every retained announcement of the fleet at
+/// once, hundreds of small messages the receiver must all see, while a few large chunks are what can cost memory.
+/// A message that does not fit is dropped and logged; the receiver asks for chunks again by re-subscribing.
+const MODEL_QUEUE_BYTES: usize = 32 * 1024 * 1024;
+/// What a queued model message counts beyond its payload (its topic and bookkeeping), so that empty ones count too.
+const MODEL_MESSAGE_OVERHEAD: usize = 256;
+
+/// Messages on model topics, in the order they arrived ([`Publisher::take_model_messages`]).
+#[derive(Debug)]
+pub struct ModelMessages {
+    rx: mpsc::UnboundedReceiver<ModelMessage>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl ModelMessages {
+    /// The next message; `None` once the publisher has stopped.
+    pub async fn recv(&mut self) -> Option<ModelMessage> {
+        let msg = self.rx.recv().await?;
+        self.queued.fetch_sub(msg.payload.len() + MODEL_MESSAGE_OVERHEAD, Ordering::Relaxed);
+        Some(msg)
+    }
+}
+
+/// The publisher's side of [`ModelMessages`].
+struct ModelQueue {
+    tx: mpsc::UnboundedSender<ModelMessage>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl ModelQueue {
+    fn new() -> (Self, ModelMessages) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        (Self { tx, queued: queued.clone() }, ModelMessages { rx, queued })
+    }
+
+    /// Queues `msg` unless that would take the queue beyond [`MODEL_QUEUE_BYTES`]; the reason when it does not.
+    fn push(&self, msg: ModelMessage) -> Result<(), &'static str> {
+        let cost = msg.payload.len() + MODEL_MESSAGE_OVERHEAD;
+        // Only this side adds, so the check cannot be overtaken; the receiver only takes away.
+        if self.queued.load(Ordering::Relaxed) + cost > MODEL_QUEUE_BYTES {
+            return Err("the model receiver's queue is full");
+        }
+        self.queued.fetch_add(cost, Ordering::Relaxed);
+        self.tx.send(msg).map_err(|_| {
+            self.queued.fetch_sub(cost, Ordering::Relaxed);
+            "the model receiver has stopped"
+        })
+    }
+}
 
 /// Cheap handle for publishing status and command replies; these bypass the outbox.
 #[derive(Clone)]
@@ -212,7 +260,7 @@ pub struct Publisher {
     shutdown: watch::Sender<bool>,
     announce_stop: Arc<AtomicBool>,
     task: Option<JoinHandle<()>>,
-    models: Option<mpsc::Receiver<ModelMessage>>,
+    models: Option<ModelMessages>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -238,7 +286,7 @@ impl Publisher {
 
         let (req_tx, req_rx) = mpsc::channel(REQUEST_QUEUE);
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue);
-        let (model_tx, model_rx) = mpsc::channel(MODEL_QUEUE);
+        let (model_tx, model_rx) = ModelQueue::new();
         let (state_tx, state) = watch::channel(PublisherState::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let announce_stop = Arc::new(AtomicBool::new(true));
@@ -275,7 +323,7 @@ impl Publisher {
     }
 
     /// The receiver of messages on model topics (see [`PublisherHandle::subscribe`]); `None` after the first call.
-    pub fn take_model_messages(&mut self) -> Option<mpsc::Receiver<ModelMessage>> {
+    pub fn take_model_messages(&mut self) -> Option<ModelMessages> {
         self.models.take()
     }
 
@@ -345,7 +393,7 @@ struct Ctx {
     tail: watch::Receiver<u64>,
     requests: mpsc::Receiver<Request>,
     commands: mpsc::Sender<IncomingCommand>,
-    models: mpsc::Sender<ModelMessage>,
+    models: ModelQueue,
     /// Filters added through handles, subscribed again on every connect (the session is clean).
     subscriptions: BTreeSet<String>,
     state: watch::Sender<PublisherState>,
@@ -775,8 +823,8 @@ impl Session<'_> {
         let topics = &self.ctx.topics;
         if let Some(topic) = topics.parse_model(&p.topic) {
             let msg = ModelMessage { topic, payload: p.payload.to_vec(), retain: p.retain };
-            if let Err(e) = self.ctx.models.try_send(msg) {
-                tracing::warn!(topic = %p.topic, error = %e, "model message dropped; the receiver will ask again");
+            if let Err(e) = self.ctx.models.push(msg) {
+                tracing::warn!(topic = %p.topic, error = e, "model message dropped; the receiver will ask again");
             }
             return;
         }

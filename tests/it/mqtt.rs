@@ -718,3 +718,39 @@ fn the_example_acl_confines_each_node_to_its_own_topics() {
     assert!(!everything.contains("forged-bundle"), "a node published a bundle:\n{everything}");
     assert!(!everything.contains("results"), "the shipper read results:\n{everything}");
 }
+
+/// Subscribing to the fleet's model announcements brings every retained one in a single burst: all of them reach
+/// the receiver, even when it starts reading only after the burst (it may be busy with an install). Before, the
+/// queue held 64 messages and dropped the rest, and a dropped announcement was not seen again until a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_retained_model_announcement_reaches_a_receiver_that_reads_late() {
+    let broker = Mosquitto::start();
+    let n = 300;
+    let (client, mut events) = AsyncClient::new(MqttOptions::new("it-fleet-shipper", "127.0.0.1", broker.port), 64);
+    let shipper = tokio::spawn(async move {
+        for i in 0..n {
+            let topic = format!("attrd/models/m{i:03}");
+            client.publish(topic, QoS::AtLeastOnce, true, vec![b'a'; 4096]).await.unwrap();
+        }
+    });
+    let mut acked = 0;
+    while acked < n {
+        if let Event::Incoming(Packet::PubAck(_)) = events.poll().await.unwrap() {
+            acked += 1;
+        }
+    }
+    shipper.await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut publisher, _cmds) = Publisher::start(&mqtt_cfg(broker.port, "edge-fleet"), outbox_in(&dir)).unwrap();
+    let mut models = publisher.take_model_messages().unwrap();
+    publisher.handle().subscribe(publisher.topics().models_filter(None).unwrap()).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut names = HashSet::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), models.recv()).await {
+        assert!(m.retain && m.payload.len() == 4096, "{:?}", m.topic);
+        names.insert(format!("{:?}", m.topic));
+    }
+    assert_eq!(names.len(), n, "announcements received");
+    publisher.shutdown().await;
+}
