@@ -404,6 +404,18 @@ fn transfer_states(sub: &Sub, node: &str) -> Vec<serde_json::Value> {
     sub.messages().iter().filter(|m| m.topic == topic).map(|m| m.json()).collect()
 }
 
+/// Each `model/state`'s transfer as (name, status), in the order published.
+fn transfer_steps(sub: &Sub, node: &str) -> Vec<(String, String)> {
+    transfer_states(sub, node)
+        .iter()
+        .filter(|v| v["transfer"].is_object())
+        .map(|v| {
+            let t = &v["transfer"];
+            (t["name"].as_str().unwrap().to_string(), t["status"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
 /// Bundles shipped over MQTT: one retained before the node starts is fetched, verified, self-tested and activated;
 /// an untrusted one and one that fails its golden set are refused while the active model keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,14 +528,7 @@ async fn transfers_beyond_receive_max_bytes_wait_for_the_ones_before_them() {
         transfer_states(&sub, &node.name).iter().filter(|v| v["transfer"]["status"] == "installed").count() == 2
     })
     .await;
-    let steps: Vec<(String, String)> = transfer_states(&sub, &node.name)
-        .iter()
-        .filter(|v| v["transfer"].is_object())
-        .map(|v| {
-            let t = &v["transfer"];
-            (t["name"].as_str().unwrap().to_string(), t["status"].as_str().unwrap().to_string())
-        })
-        .collect();
+    let steps = transfer_steps(&sub, &node.name);
     let at = |name: &str, status: &str| steps.iter().position(|(n, s)| n == name && s == status);
     // Whichever the broker delivered first is received first; the other waits.
     let (first, second) =
@@ -573,14 +578,7 @@ async fn an_upload_given_up_does_not_starve_the_one_waiting_behind_it() {
     .await;
     // Long enough for a restarted model-a to show: it reports `receiving` at once.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let steps: Vec<(String, String)> = transfer_states(&sub, &node.name)
-        .iter()
-        .filter(|v| v["transfer"].is_object())
-        .map(|v| {
-            let t = &v["transfer"];
-            (t["name"].as_str().unwrap().to_string(), t["status"].as_str().unwrap().to_string())
-        })
-        .collect();
+    let steps = transfer_steps(&sub, &node.name);
     let failed = steps.iter().position(|(n, s)| n == "model-a" && s == "failed");
     let failed = failed.unwrap_or_else(|| panic!("model-a, missing a chunk, was not given up: {steps:?}"));
     assert!(
