@@ -8,11 +8,15 @@ Runtime's options (docs/benchmarks.md, "P3 on an Intel Xeon"). Prints one JSON l
 For the levers tried in docs/benchmarks.md (not what attrd ships):
 - BATCH "mixed:N" runs a fixed pseudo-random sequence of batch sizes 1..N, the way a daemon's batches vary with
   load; images/s then counts every image of the sequence.
+- SESSIONS=N runs N sessions of THREADS threads side by side in this process, one Python thread each (ONNX
+  Runtime releases the GIL while it runs), as attrd's `engine.sessions`; images/s then counts every batch of every
+  session over the time taken.
 - ORT_PROVIDER=openvino runs on the OpenVINO execution provider (the onnxruntime-openvino wheel on PYTHONPATH) on
   the CPU with THREADS threads, in fp32 precision for fp32 layers.
 """
 import os
 import random
+import threading
 import json
 import sys
 import time
@@ -53,6 +57,30 @@ def main() -> None:
     for b in range(1, batch + 1) if mixed else [batch] * 5:
         sess.run(None, {inp.name: x[:b]})
     extra_fields = {**({"session_config": extra} if extra else {}), **({"provider": provider} if provider != "cpu" else {})}
+    sessions = int(os.environ.get("SESSIONS", "1"))
+    if sessions > 1 and not mixed:
+        others = [ort.InferenceSession(model, so, providers=providers) for _ in range(sessions - 1)]
+        for o in others:
+            for _ in range(5):
+                o.run(None, {inp.name: x})
+        counts = [0] * sessions
+        start = time.perf_counter()
+
+        def caller(i, s):
+            while time.perf_counter() - start < seconds or counts[i] < 10:
+                s.run(None, {inp.name: x})
+                counts[i] += 1
+
+        callers = [threading.Thread(target=caller, args=(i, s)) for i, s in enumerate([sess] + others)]
+        for c in callers:
+            c.start()
+        for c in callers:
+            c.join()
+        elapsed = time.perf_counter() - start
+        print(json.dumps({"impl": "onnxruntime-python", "model": model, "batch": batch, "threads": threads,
+                          "sessions": sessions, "runs": sum(counts), "images_per_s": batch * sum(counts) / elapsed,
+                          "onnxruntime": ort.__version__, **extra_fields}))
+        return
     if mixed:
         sizes = random.Random(1).choices(range(1, batch + 1), k=1000)
         images, start = 0, time.perf_counter()

@@ -59,9 +59,12 @@ struct BenchArgs {
     /// Execution providers to try, in order.
     #[arg(long, value_delimiter = ',', default_value = "cpu")]
     providers: Vec<Provider>,
-    /// ONNX Runtime intra-op threads (0 = ORT's default).
+    /// ONNX Runtime intra-op threads per session (0 = ORT's default, or the cores divided among the sessions).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Sessions running batches side by side (`engine.sessions`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    sessions: u16,
     /// Most images per inference call (the pipeline's `max_batch`).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1024))]
     batch: u16,
@@ -442,6 +445,7 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         images,
         providers: args.providers,
         threads: args.threads,
+        sessions: usize::from(args.sessions),
         spin: args.spin,
         pipeline,
         mqtt,

@@ -124,7 +124,7 @@ impl std::fmt::Display for NotStored {
     }
 }
 
-/// Counters, for metrics and tests. All monotonic except `max_batch_seen`, which only grows.
+/// Counters, for metrics and tests. All monotonic; the `max_` ones only grow.
 #[derive(Debug, Default)]
 pub struct PipelineStats {
     received: AtomicU64,
@@ -132,6 +132,7 @@ pub struct PipelineStats {
     batches: AtomicU64,
     inferred: AtomicU64,
     max_batch_seen: AtomicU64,
+    max_batches_running: AtomicU64,
     results: AtomicU64,
     durable: AtomicU64,
     failed: AtomicU64,
@@ -151,6 +152,8 @@ pub struct StatsSnapshot {
     pub inferred: u64,
     /// Largest batch so far.
     pub max_batch_seen: u64,
+    /// Most batches being inferred at the same time so far (at most the engine's `sessions`).
+    pub max_batches_running: u64,
     /// Results handed to `out` (a fused result counts once).
     pub results: u64,
     /// Shots answered `Durable`.
@@ -177,6 +180,7 @@ impl PipelineStats {
             batches: g(&self.batches),
             inferred: g(&self.inferred),
             max_batch_seen: g(&self.max_batch_seen),
+            max_batches_running: g(&self.max_batches_running),
             results: g(&self.results),
             durable: g(&self.durable),
             failed: g(&self.failed),
@@ -372,7 +376,16 @@ async fn batcher(
     views: mpsc::Sender<View>,
 ) {
     let mut carry: Option<Prepared> = None;
+    // Batches being inferred: as many at once as the engine runs side by side (`engine.sessions`), so that each
+    // session has one while the next is collected.
+    let mut running: JoinSet<()> = JoinSet::new();
+    let mut parallelism = 1;
     loop {
+        while running.len() >= parallelism {
+            if let Some(Err(e)) = running.join_next().await {
+                tracing::error!(error = %e, "a batch's inference task failed");
+            }
+        }
         let first = match carry.take() {
             Some(p) => p,
             None => match rx.recv().await {
@@ -397,7 +410,16 @@ async fn batcher(
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        run_batch(batch, &stats, &metrics, &views).await;
+        parallelism = batch[0].model.engine.parallelism().max(1);
+        let (stats_in, metrics, views) = (stats.clone(), metrics.clone(), views.clone());
+        running.spawn(async move { run_batch(batch, &stats_in, &metrics, &views).await });
+        stats.max_batches_running.fetch_max(running.len() as u64, Ordering::Relaxed);
+    }
+    // Every batch's views reach the emitter before it is told that no more come.
+    while let Some(r) = running.join_next().await {
+        if let Err(e) = r {
+            tracing::error!(error = %e, "a batch's inference task failed");
+        }
     }
 }
 

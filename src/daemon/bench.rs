@@ -33,8 +33,10 @@ pub(crate) struct BenchOptions {
     pub images: Vec<PathBuf>,
     /// Execution providers to try.
     pub providers: Vec<Provider>,
-    /// ONNX Runtime intra-op threads (0 = ORT's default).
+    /// ONNX Runtime intra-op threads per session (0 = ORT's default).
     pub threads: usize,
+    /// Sessions running batches side by side.
+    pub sessions: usize,
     /// Whether those threads spin between operators.
     pub spin: bool,
     /// Pipeline settings (batching, decode workers).
@@ -70,6 +72,7 @@ pub(crate) struct BenchReport {
     results: usize,
     failed: usize,
     threads: usize,
+    sessions: usize,
     spin: bool,
     max_batch: usize,
     decode_workers: usize,
@@ -132,6 +135,7 @@ async fn run_async(opts: BenchOptions) -> Result<BenchReport> {
     let cfg = EngineConfig {
         providers: opts.providers.clone(),
         intra_threads: opts.threads,
+        sessions: opts.sessions,
         intra_spinning: opts.spin,
         ..EngineConfig::default()
     };
@@ -261,6 +265,7 @@ async fn run_async(opts: BenchOptions) -> Result<BenchReport> {
         results: samples.len(),
         failed,
         threads: opts.threads,
+        sessions: opts.sessions,
         spin: opts.spin,
         max_batch: opts.pipeline.max_batch,
         decode_workers: opts.pipeline.decode_workers,

@@ -66,8 +66,15 @@ pub struct EngineConfig {
     /// Execution providers to try, in order; the first that registers serves and each one that fails is logged and
     /// reported as a fallback. CPU is always appended as the last resort if missing.
     pub providers: Vec<Provider>,
-    /// Threads ONNX Runtime uses inside one operator; 0 lets ORT choose (one per physical core).
+    /// Threads ONNX Runtime uses inside one operator, per session; 0 lets ORT choose (one per physical core), or
+    /// with several `sessions`, divides the cores among them.
     pub intra_threads: usize,
+    /// Sessions of the model that run batches side by side, each on its own thread with its own ORT thread pool.
+    /// Default 1. On a small CPU, 2 sessions of 1 thread took 1.1–1.6 times the images/s of 1 session of 2
+    /// threads, INT8 most (ONNX Runtime's threads share out this small model's layers poorly; `docs/benchmarks.md`,
+    /// "Two sessions side by side"). A batch alone then runs on fewer threads, so an idle box answers a little
+    /// later. Each session holds its own copy of the model's weights and buffers; on a GPU, keep 1.
+    pub sessions: usize,
     /// Let those threads spin-wait for work between operators instead of sleeping (ORT's
     /// `session.intra_op.allow_spinning`, on by default as in ORT). Measured end to end on 2 cores
     /// (`docs/benchmarks.md`, P1): spinning is about 8 % faster when inference is the bottleneck (small photos), and
@@ -103,6 +110,7 @@ impl Default for EngineConfig {
         Self {
             providers: vec![Provider::Cuda, Provider::TensorRt, Provider::Cpu],
             intra_threads: 0,
+            sessions: 1,
             intra_spinning: true,
             ort_library: None,
             device_id: 0,
@@ -322,6 +330,7 @@ type Reply = tokio::sync::oneshot::Receiver<Result<BatchOutput, EngineError>>;
 #[derive(Clone)]
 pub struct Engine {
     tx: mpsc::SyncSender<Job>,
+    sessions: usize,
     manifest: Arc<Manifest>,
     report: ProviderReport,
     input_shape: [usize; 3],
@@ -364,78 +373,74 @@ impl Engine {
         let started = Instant::now();
         let manifest = bundle.manifest().clone();
         let onnx = bundle.onnx_path();
-        let mut builder = session_builder(&rt.env).map_err(ort_err)?;
-        if cfg.intra_threads > 0 {
-            builder = builder.with_intra_threads(cfg.intra_threads).map_err(ort_err)?;
-        }
-        builder = builder.with_intra_op_spinning(cfg.intra_spinning).map_err(ort_err)?;
-        let mut fallbacks = Vec::new();
-        let mut active = None;
-        for p in chain {
-            let dispatch = dispatch(p, cfg, bundle.onnx_sha256());
-            match dispatch.register(&mut builder) {
-                Ok(()) => {
-                    tracing::info!(provider = %p, model = %bundle.label(), "execution provider registered");
-                    if p == Provider::TensorRt {
-                        // ORT's advice: CUDA behind TensorRT runs what TensorRT cannot, instead of the CPU.
-                        match self::dispatch(Provider::Cuda, cfg, bundle.onnx_sha256()).register(&mut builder) {
-                            Ok(()) => tracing::debug!("CUDA registered behind TensorRT for unsupported nodes"),
-                            Err(e) => {
-                                tracing::warn!(reason = %e, "CUDA unavailable behind TensorRT; unsupported nodes run on the CPU")
-                            }
-                        }
-                    }
-                    active = Some(p);
-                    break;
-                }
-                Err(e) => {
-                    let reason = e.to_string();
-                    tracing::warn!(provider = %p, %reason, "execution provider unavailable, falling back to the next");
-                    fallbacks.push(ProviderFallback { provider: p, reason });
-                }
-            }
-        }
-        if strict && active.is_none() {
-            let why = fallbacks.iter().map(|f| format!("{}: {}", f.provider, f.reason)).collect::<Vec<_>>().join("; ");
-            return Err(EngineError::Ort(format!("execution provider unavailable: {why}")));
-        }
-        // CPU is built into every ONNX Runtime; if even it failed to register, the session still runs on ORT's
-        // default CPU kernels, so report CPU rather than failing.
-        let active = active.unwrap_or(Provider::Cpu);
         let bytes =
             bundle.read_onnx().map_err(|e| EngineError::Session { path: onnx.clone(), reason: e.to_string() })?;
-        let session = builder
-            .commit_from_memory(&bytes)
-            .map_err(|e| EngineError::Session { path: onnx.clone(), reason: e.to_string() })?;
-        let input_shape = check_io(&session, &manifest)?;
-        if active == Provider::Cpu && !cfg.allow_saturating_int8 && cpu_saturates_int8() {
-            let range = session.metadata().ok().and_then(|m| m.custom(INT8_WEIGHT_RANGE_KEY));
+        let n = cfg.sessions.max(1);
+        let threads = match (cfg.intra_threads, n) {
+            (0, 1) => 0,
+            // ORT's own default (every core) in each session would put n threads on every core.
+            (0, n) => std::thread::available_parallelism().map_or(1, |c| (c.get() / n).max(1)),
+            (t, _) => t,
+        };
+        let mut sessions = Vec::with_capacity(n);
+        let mut report = None;
+        for _ in 0..n {
+            let (session, r) = build_session(&rt.env, bundle, cfg, &chain, strict, threads, &bytes)?;
+            if report.as_ref().is_some_and(|first: &ProviderReport| first.active != r.active) {
+                // Each session registers the same chain; a provider that fails for the second is out of memory or
+                // gone, and serving on two different providers would give two sets of results.
+                return Err(EngineError::Ort(format!(
+                    "the sessions of {} resolved to different execution providers ({} and {})",
+                    bundle.label(),
+                    report.as_ref().map_or(Provider::Cpu, |f| f.active),
+                    r.active
+                )));
+            }
+            report.get_or_insert(r);
+            sessions.push(session);
+        }
+        // Invariant: n ≥ 1, so the loop above ran and set it.
+        let Some(report) = report else { unreachable!("at least one session is built") };
+        let input_shape = check_io(&sessions[0], &manifest)?;
+        if report.active == Provider::Cpu && !cfg.allow_saturating_int8 && cpu_saturates_int8() {
+            let range = sessions[0].metadata().ok().and_then(|m| m.custom(INT8_WEIGHT_RANGE_KEY));
             if range.as_deref() == Some("full") {
                 return Err(EngineError::SaturatingInt8 { model: bundle.label() });
             }
         }
-        let report = ProviderReport { active, fallbacks };
-        let (tx, rx) = mpsc::sync_channel::<Job>(4);
+        // Room for a batch waiting behind each one running.
+        let (tx, rx) = mpsc::sync_channel::<Job>(4.max(2 * n));
+        let rx = Arc::new(std::sync::Mutex::new(rx));
         let heads: Vec<(String, usize)> = manifest.heads.iter().map(|h| (h.name.clone(), h.classes.len())).collect();
-        let input_name = manifest.input_name.clone();
-        std::thread::Builder::new()
-            .name(format!("ort-{}", manifest.name))
-            .spawn(move || session_thread(session, rx, input_name, heads))
-            .map_err(|e| EngineError::Ort(format!("cannot start the inference thread: {e}")))?;
+        for (i, session) in sessions.into_iter().enumerate() {
+            let (rx, input_name, heads) = (rx.clone(), manifest.input_name.clone(), heads.clone());
+            std::thread::Builder::new()
+                .name(format!("ort-{}-{i}", manifest.name))
+                .spawn(move || session_thread(session, rx, input_name, heads))
+                .map_err(|e| EngineError::Ort(format!("cannot start the inference thread: {e}")))?;
+        }
         tracing::info!(
             model = %bundle.label(),
             provider = %report.active,
             fallbacks = report.fallbacks.len(),
+            sessions = n,
+            intra_threads = threads,
             load_ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
         Ok(Self {
             tx,
+            sessions: n,
             manifest: Arc::new(manifest),
             report,
             input_shape,
             model_sha256: bundle.onnx_sha256().to_string(),
         })
+    }
+
+    /// Batches this engine runs at once ([`EngineConfig::sessions`]).
+    pub fn parallelism(&self) -> usize {
+        self.sessions
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -491,6 +496,60 @@ impl Engine {
         }
         rx.await.map_err(|_| EngineError::Stopped)?
     }
+}
+
+/// One session of `bundle` (its ONNX file's checked `bytes`) on the first provider of `chain` that registers.
+fn build_session(
+    env: &ort::environment::Environment,
+    bundle: &Bundle,
+    cfg: &EngineConfig,
+    chain: &[Provider],
+    strict: bool,
+    threads: usize,
+    bytes: &[u8],
+) -> Result<(Session, ProviderReport), EngineError> {
+    let mut builder = session_builder(env).map_err(ort_err)?;
+    if threads > 0 {
+        builder = builder.with_intra_threads(threads).map_err(ort_err)?;
+    }
+    builder = builder.with_intra_op_spinning(cfg.intra_spinning).map_err(ort_err)?;
+    let mut fallbacks = Vec::new();
+    let mut active = None;
+    for &p in chain {
+        let dispatch = dispatch(p, cfg, bundle.onnx_sha256());
+        match dispatch.register(&mut builder) {
+            Ok(()) => {
+                tracing::info!(provider = %p, model = %bundle.label(), "execution provider registered");
+                if p == Provider::TensorRt {
+                    // ORT's advice: CUDA behind TensorRT runs what TensorRT cannot, instead of the CPU.
+                    match self::dispatch(Provider::Cuda, cfg, bundle.onnx_sha256()).register(&mut builder) {
+                        Ok(()) => tracing::debug!("CUDA registered behind TensorRT for unsupported nodes"),
+                        Err(e) => {
+                            tracing::warn!(reason = %e, "CUDA unavailable behind TensorRT; unsupported nodes run on the CPU")
+                        }
+                    }
+                }
+                active = Some(p);
+                break;
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::warn!(provider = %p, %reason, "execution provider unavailable, falling back to the next");
+                fallbacks.push(ProviderFallback { provider: p, reason });
+            }
+        }
+    }
+    if strict && active.is_none() {
+        let why = fallbacks.iter().map(|f| format!("{}: {}", f.provider, f.reason)).collect::<Vec<_>>().join("; ");
+        return Err(EngineError::Ort(format!("execution provider unavailable: {why}")));
+    }
+    // CPU is built into every ONNX Runtime; if even it failed to register, the session still runs on ORT's
+    // default CPU kernels, so report CPU rather than failing.
+    let active = active.unwrap_or(Provider::Cpu);
+    let session = builder
+        .commit_from_memory(bytes)
+        .map_err(|e| EngineError::Session { path: bundle.onnx_path(), reason: e.to_string() })?;
+    Ok((session, ProviderReport { active, fallbacks }))
 }
 
 fn dispatch(p: Provider, cfg: &EngineConfig, model_sha256: &str) -> ExecutionProviderDispatch {
@@ -624,8 +683,17 @@ fn check_tensor(kind: &str, name: &str, ty: &ValueType, dims: &[usize]) -> Resul
 }
 
 /// `heads`: each output's name and the number of classes the manifest gives it.
-fn session_thread(mut session: Session, rx: mpsc::Receiver<Job>, input_name: String, heads: Vec<(String, usize)>) {
-    while let Ok(job) = rx.recv() {
+fn session_thread(
+    mut session: Session,
+    rx: Arc<std::sync::Mutex<mpsc::Receiver<Job>>>,
+    input_name: String,
+    heads: Vec<(String, usize)>,
+) {
+    loop {
+        // The lock is held only while waiting for the next job; the run happens outside it, beside the other
+        // sessions'. A poisoned lock only means another session thread panicked: the receiver is still whole.
+        let next = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
+        let Ok(job) = next else { break };
         let result = run_batch(&mut session, &input_name, &heads, &job.batch);
         // The caller may have given up waiting (e.g. shutdown); nothing to do then.
         let _ = job.reply.send(result);

@@ -83,6 +83,43 @@ pub fn top1(a: &attrd::engine::Attributes) -> (String, f32) {
     (x.value.clone().unwrap(), x.confidence)
 }
 
+/// With `engine.sessions = 2` the pipeline keeps two batches in the engine at once, and every result is still what
+/// its photo gives alone; with one session it never has two in at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sessions_infer_two_batches_at_once_with_the_same_results() {
+    let cpu2 = EngineConfig { sessions: 2, ..EngineConfig::cpu() };
+    let two = Engine::load(&Bundle::open(imagenet_bundle()).unwrap(), &cpu2).unwrap();
+    assert_eq!((two.parallelism(), engine().parallelism()), (2, 1));
+    let files = photos(24);
+    for (eng, sessions) in [(two, 2), (engine(), 1)] {
+        let (out, out_rx) = mpsc::channel(64);
+        let cfg = PipelineConfig { max_batch: 1, max_wait: Duration::from_millis(1), ..cfg() };
+        let p = Pipeline::spawn(Arc::new(ArcSwap::from_pointee(eng)), cfg, "node-s", out).unwrap();
+        let consumer = ack_all(out_rx);
+        let mut waits = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            let (s, rx) = shot(&format!("SKU{i}"), f);
+            p.shots.send(s).await.unwrap();
+            waits.push(rx);
+        }
+        for rx in waits {
+            assert_eq!(rx.await.unwrap(), ShotOutcome::Durable);
+        }
+        drop(p.shots);
+        p.task.await.unwrap();
+        let got = consumer.await.unwrap();
+        let st = p.stats.snapshot();
+        assert_eq!((st.inferred, st.results, st.max_batches_running), (24, 24, sessions), "{st:?}");
+        for (i, f) in files.iter().enumerate() {
+            let r = got.iter().find(|r| r.sku == format!("SKU{i}")).unwrap();
+            let want = postprocess::attributes(engine().manifest(), &reference_probs(f).await);
+            let ((wv, wc), (gv, gc)) = (top1(&want), top1(&r.attributes));
+            assert_eq!(gv, wv, "{}", f.display());
+            assert!((gc - wc).abs() < 1e-4, "{gc} vs {wc}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shots_from_several_sources_are_micro_batched_and_each_gets_its_own_result() {
     let (out, out_rx) = mpsc::channel(16);
