@@ -1,8 +1,9 @@
 //! ONNX Runtime inference for one bundle.
 //!
-//! The session lives on its own thread: ORT's `run` is blocking and CPU-heavy, and keeping it off the async runtime
+//! Each session lives on its own thread: ORT's `run` is blocking and CPU-heavy, and keeping it off the async runtime
 //! keeps capture, HTTP and MQTT responsive while a batch runs. Callers send a batch and wait on a oneshot channel,
-//! either blocking (`infer_blocking`) or async (`infer`).
+//! either blocking (`infer_blocking`) or async (`infer`); with several sessions (`EngineConfig::sessions`) whichever
+//! session is free takes the next batch.
 
 pub mod postprocess;
 
