@@ -33,6 +33,9 @@ fn main() -> anyhow::Result<()> {
             _ => pos.push(a),
         }
     }
+    if sessions == 0 {
+        bail!("--sessions must be at least 1");
+    }
     let [bundle, key, images] = &pos[..] else {
         bail!(
             "usage: cargo bench --bench infer -- BUNDLE TRUSTED_KEY IMAGES_DIR [--batch N] [--threads T] [--sessions S] [--seconds S] [--save-input FILE]"

@@ -58,7 +58,9 @@ def main() -> None:
         sess.run(None, {inp.name: x[:b]})
     extra_fields = {**({"session_config": extra} if extra else {}), **({"provider": provider} if provider != "cpu" else {})}
     sessions = int(os.environ.get("SESSIONS", "1"))
-    if sessions > 1 and not mixed:
+    if sessions < 1 or (sessions > 1 and mixed):
+        sys.exit(f"SESSIONS must be at least 1, and 1 with mixed batches, not {sessions}")
+    if sessions > 1:
         others = [ort.InferenceSession(model, so, providers=providers) for _ in range(sessions - 1)]
         for o in others:
             for _ in range(5):

@@ -286,8 +286,8 @@ impl Config {
         if self.demo.spawn_broker && !matches!(self.mqtt.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
             return bad(format!("demo.spawn_broker needs mqtt.host on loopback, not {:?}", self.mqtt.host));
         }
-        if self.engine.sessions == 0 {
-            return bad("engine.sessions is 0, must be at least 1".into());
+        if !(1..=64).contains(&self.engine.sessions) {
+            return bad(format!("engine.sessions is {}, must be 1 to 64", self.engine.sessions));
         }
         if self.engine.providers.is_empty() {
             return bad("engine.providers is empty".into());

@@ -132,6 +132,7 @@ pub struct PipelineStats {
     batches: AtomicU64,
     inferred: AtomicU64,
     max_batch_seen: AtomicU64,
+    batches_running: AtomicU64,
     max_batches_running: AtomicU64,
     results: AtomicU64,
     durable: AtomicU64,
@@ -412,14 +413,28 @@ async fn batcher(
         }
         parallelism = batch[0].model.engine.parallelism().max(1);
         let (stats_in, metrics, views) = (stats.clone(), metrics.clone(), views.clone());
-        running.spawn(async move { run_batch(batch, &stats_in, &metrics, &views).await });
-        stats.max_batches_running.fetch_max(running.len() as u64, Ordering::Relaxed);
+        running.spawn(async move {
+            // Counted while it runs (a finished task waits in the set until it is collected).
+            let now = stats_in.batches_running.fetch_add(1, Ordering::Relaxed) + 1;
+            stats_in.max_batches_running.fetch_max(now, Ordering::Relaxed);
+            let _running = Running(&stats_in);
+            run_batch(batch, &stats_in, &metrics, &views).await
+        });
     }
     // Every batch's views reach the emitter before it is told that no more come.
     while let Some(r) = running.join_next().await {
         if let Err(e) = r {
             tracing::error!(error = %e, "a batch's inference task failed");
         }
+    }
+}
+
+/// A batch being run, counted in [`PipelineStats`] until dropped (also when the run panics).
+struct Running<'a>(&'a PipelineStats);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.batches_running.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -68,10 +68,10 @@ pub struct EngineConfig {
     /// reported as a fallback. CPU is always appended as the last resort if missing.
     pub providers: Vec<Provider>,
     /// Threads ONNX Runtime uses inside one operator, per session; 0 lets ORT choose (one per physical core), or
-    /// with several `sessions`, divides the cores among them.
+    /// with several `sessions`, divides the logical CPUs among them.
     pub intra_threads: usize,
-    /// Sessions of the model that run batches side by side, each on its own thread with its own ORT thread pool.
-    /// Default 1. On a small CPU, 2 sessions of 1 thread took 1.1–1.6 times the images/s of 1 session of 2
+    /// Sessions of the model that run batches side by side on the CPU provider, each on its own thread with its own
+    /// ORT thread pool (a GPU provider always gets one: it would hold a copy of the model per session). Default 1. On a small CPU, 2 sessions of 1 thread took 1.1–1.6 times the images/s of 1 session of 2
     /// threads, INT8 most (ONNX Runtime's threads share out this small model's layers poorly; `docs/benchmarks.md`,
     /// "Two sessions side by side"). A batch alone then runs on fewer threads, so an idle box answers a little
     /// later. Each session holds its own copy of the model's weights and buffers; on a GPU, keep 1.
@@ -294,7 +294,8 @@ pub fn loaded_library() -> Option<&'static Path> {
 #[derive(Debug, Clone)]
 pub struct BatchOutput {
     pub logits: Vec<Array2<f32>>,
-    /// Time spent inside `Session::run`.
+    /// When `Session::run` began, and the time spent inside it.
+    pub run_started: Instant,
     pub run_time: Duration,
 }
 
@@ -385,8 +386,16 @@ impl Engine {
         };
         let mut sessions = Vec::with_capacity(n);
         let mut report = None;
-        for _ in 0..n {
+        let mut n = n;
+        while sessions.len() < n {
             let (session, r) = build_session(&rt.env, bundle, cfg, &chain, strict, threads, &bytes)?;
+            if n > 1 && r.active != Provider::Cpu {
+                // A GPU runs one batch at a time anyway, and each session would hold its own copy of the model (and,
+                // for TensorRT, build its own engine). The one built keeps its share of the CPU threads, which only
+                // the nodes the GPU provider leaves to the CPU use.
+                tracing::info!(provider = %r.active, sessions = n, "engine.sessions applies to the CPU provider; one session");
+                n = 1;
+            }
             if report.as_ref().is_some_and(|first: &ProviderReport| first.active != r.active) {
                 // Each session registers the same chain; a provider that fails for the second is out of memory or
                 // gone, and serving on two different providers would give two sets of results.
@@ -734,7 +743,7 @@ fn run_batch(
         let arr = Array2::from_shape_vec((n, classes), data.to_vec()).map_err(|e| EngineError::Run(e.to_string()))?;
         logits.push(arr);
     }
-    Ok(BatchOutput { logits, run_time })
+    Ok(BatchOutput { logits, run_started: started, run_time })
 }
 
 #[cfg(test)]

@@ -271,7 +271,7 @@ fn config_errors_are_specific() {
         ("[mqtt]\nnode = \"models\"\n", "choose another node name"),
         ("[http]\ncapture_timeout = \"0s\"\n", "capture_timeout is 0"),
         ("[http]\nheader_timeout = \"0s\"\n", "header_timeout is 0"),
-        ("[engine]\nsessions = 0\n", "engine.sessions is 0"),
+        ("[engine]\nsessions = 0\n", "engine.sessions is 0, must be 1 to 64"),
         ("shutdown_timeout = \"0s\"\n", "shutdown_timeout must be greater than 0"),
         ("[demo]\nseed_hotfolder = \"photos\"\n", "no hot folder is configured"),
         ("[[sources]]\ntype = \"hotfolder\"\ndir = \"in\"\nsku_pattern = \"^(.+)$\"\n", "sku"),

@@ -169,6 +169,36 @@ fn intra_op_spinning_off_gives_the_same_results() {
     }
 }
 
+/// Two sessions run two batches at the same time (their runs overlap), each giving what one session gives alone.
+#[test]
+fn two_sessions_run_batches_at_the_same_time_with_the_same_results() {
+    let (bundle, _) = engine();
+    let pre = Preprocessor::new(bundle.manifest().input.clone(), Limits::default()).unwrap();
+    let photos: Vec<_> = fashion_rows().into_iter().take(4).map(|r| pre.prepare_path(&r.1).unwrap()).collect();
+    let batch = pre.batch(&photos);
+    let one = Engine::load(bundle, &EngineConfig { intra_threads: 1, ..EngineConfig::cpu() }).unwrap();
+    let two = Engine::load(bundle, &EngineConfig { intra_threads: 1, sessions: 2, ..EngineConfig::cpu() }).unwrap();
+    assert_eq!((one.parallelism(), two.parallelism()), (1, 2));
+    let want = one.infer_blocking(batch.clone()).unwrap();
+    let outs: Vec<_> = std::thread::scope(|scope| {
+        let callers: Vec<_> = (0..2)
+            .map(|_| scope.spawn(|| (0..6).map(|_| two.infer_blocking(batch.clone()).unwrap()).collect::<Vec<_>>()))
+            .collect();
+        callers.into_iter().flat_map(|c| c.join().unwrap()).collect()
+    });
+    for out in &outs {
+        assert_eq!(out.logits, want.logits, "one thread per session in both engines: the same kernels");
+    }
+    let overlap = outs.iter().enumerate().any(|(i, a)| {
+        outs[i + 1..].iter().any(|b| {
+            let (a0, a1) = (a.run_started, a.run_started + a.run_time);
+            let (b0, b1) = (b.run_started, b.run_started + b.run_time);
+            a0 < b1 && b0 < a1
+        })
+    });
+    assert!(overlap, "no two of 12 batches from two callers ran at the same time");
+}
+
 /// What a session runs is what was verified: a model file changed after the bundle was opened (and its hashes
 /// checked) is refused when the session is built, and so is a changed golden image when it is read.
 #[test]

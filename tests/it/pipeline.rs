@@ -93,7 +93,8 @@ async fn two_sessions_infer_two_batches_at_once_with_the_same_results() {
     let files = photos(24);
     for (eng, sessions) in [(two, 2), (engine(), 1)] {
         let (out, out_rx) = mpsc::channel(64);
-        let cfg = PipelineConfig { max_batch: 1, max_wait: Duration::from_millis(1), ..cfg() };
+        // Batches of up to 4 take long enough on one thread for the decoders to prepare the next one meanwhile.
+        let cfg = PipelineConfig { max_batch: 4, max_wait: Duration::from_millis(1), ..cfg() };
         let p = Pipeline::spawn(Arc::new(ArcSwap::from_pointee(eng)), cfg, "node-s", out).unwrap();
         let consumer = ack_all(out_rx);
         let mut waits = Vec::new();
