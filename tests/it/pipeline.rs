@@ -97,13 +97,7 @@ async fn two_sessions_infer_two_batches_at_once_with_the_same_results() {
         let cfg = PipelineConfig { max_batch: 4, max_wait: Duration::from_millis(1), ..cfg() };
         let p = Pipeline::spawn(Arc::new(ArcSwap::from_pointee(eng)), cfg, "node-s", out).unwrap();
         let consumer = ack_all(out_rx);
-        let mut waits = Vec::new();
-        for (i, f) in files.iter().enumerate() {
-            let (s, rx) = shot(&format!("SKU{i}"), f);
-            p.shots.send(s).await.unwrap();
-            waits.push(rx);
-        }
-        for rx in waits {
+        for rx in send_all(&p, &files, |_, _| {}).await {
             assert_eq!(rx.await.unwrap(), ShotOutcome::Durable);
         }
         drop(p.shots);
@@ -113,12 +107,33 @@ async fn two_sessions_infer_two_batches_at_once_with_the_same_results() {
         assert_eq!((st.inferred, st.results, st.max_batches_running), (24, 24, sessions), "{st:?}");
         for (i, f) in files.iter().enumerate() {
             let r = got.iter().find(|r| r.sku == format!("SKU{i}")).unwrap();
-            let want = postprocess::attributes(engine().manifest(), &reference_probs(f).await);
-            let ((wv, wc), (gv, gc)) = (top1(&want), top1(&r.attributes));
-            assert_eq!(gv, wv, "{}", f.display());
-            assert!((gc - wc).abs() < 1e-4, "{gc} vs {wc}");
+            assert_same_as_alone(r, f).await;
         }
     }
+}
+
+/// Sends `files` as shots `SKU0`, `SKU1`, … (each changed by `edit` first); returns their outcome receivers.
+async fn send_all(
+    p: &Pipeline,
+    files: &[PathBuf],
+    edit: impl Fn(usize, &mut Shot),
+) -> Vec<oneshot::Receiver<ShotOutcome>> {
+    let mut waits = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let (mut s, rx) = shot(&format!("SKU{i}"), f);
+        edit(i, &mut s);
+        p.shots.send(s).await.unwrap();
+        waits.push(rx);
+    }
+    waits
+}
+
+/// Batching must not mix images up: a result's top value and confidence are those of its photo run alone.
+async fn assert_same_as_alone(r: &ResultPayload, f: &Path) {
+    let want = postprocess::attributes(engine().manifest(), &reference_probs(f).await);
+    let ((wv, wc), (gv, gc)) = (top1(&want), top1(&r.attributes));
+    assert_eq!(gv, wv, "{}", f.display());
+    assert!((gc - wc).abs() < 1e-4, "{gc} vs {wc}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,16 +143,13 @@ async fn shots_from_several_sources_are_micro_batched_and_each_gets_its_own_resu
     let p = Pipeline::spawn(engine_cell(), cfg, "node-a", out).unwrap();
     let consumer = ack_all(out_rx);
     let files = photos(8);
-    let mut waits = Vec::new();
-    for (i, f) in files.iter().enumerate() {
-        // Half from a "hot folder", half from a "camera": batching does not care where shots come from.
-        let (mut s, rx) = shot(&format!("SKU{i}"), f);
+    // Half from a "hot folder", half from a "camera": batching does not care where shots come from.
+    let waits = send_all(&p, &files, |i, s| {
         if i % 2 == 1 {
             s.origin = Origin::Fake { camera: "cam0".into() };
         }
-        p.shots.send(s).await.unwrap();
-        waits.push(rx);
-    }
+    })
+    .await;
     for rx in waits {
         assert_eq!(rx.await.unwrap(), ShotOutcome::Durable);
     }
@@ -149,14 +161,9 @@ async fn shots_from_several_sources_are_micro_batched_and_each_gets_its_own_resu
     assert_eq!((st.received, st.inferred, st.durable, st.results), (8, 8, 8, 8));
     assert!(st.max_batch_seen >= 2 && st.max_batch_seen <= 4, "{st:?}");
     assert!(st.batches < 8, "8 shots should need fewer than 8 inference calls with max_batch 4: {st:?}");
-    // Batching must not mix images up: each result equals that photo run alone.
     for (i, f) in files.iter().enumerate() {
         let r = got.iter().find(|r| r.sku == format!("SKU{i}")).unwrap();
-        let want = postprocess::attributes(engine().manifest(), &reference_probs(f).await);
-        let (wv, wc) = top1(&want);
-        let (gv, gc) = top1(&r.attributes);
-        assert_eq!(gv, wv, "{}", f.display());
-        assert!((gc - wc).abs() < 1e-4, "{gc} vs {wc}");
+        assert_same_as_alone(r, f).await;
         assert_eq!(r.node, "node-a");
         assert_eq!(r.source.kind, if i % 2 == 1 { SourceKind::Fake } else { SourceKind::Hotfolder });
         assert_eq!(r.source.image_sha256, bundle::sha256_bytes(&std::fs::read(f).unwrap()));
