@@ -384,11 +384,14 @@ impl Engine {
             (0, n) => std::thread::available_parallelism().map_or(1, |c| (c.get() / n).max(1)),
             (t, _) => t,
         };
+        let per_session = EngineConfig { intra_threads: threads, ..cfg.clone() };
         let mut sessions = Vec::with_capacity(n);
         let mut report = None;
         let mut n = n;
         while sessions.len() < n {
-            let (session, r) = build_session(&rt.env, bundle, cfg, &chain, strict, threads, &bytes)?;
+            // The chain's outcome is logged for the first session; the others repeat it.
+            let quiet = !sessions.is_empty();
+            let (session, r) = build_session(&rt.env, bundle, &per_session, &chain, strict, &bytes, quiet)?;
             if n > 1 && r.active != Provider::Cpu {
                 // A GPU runs one batch at a time anyway, and each session would hold its own copy of the model (and,
                 // for TensorRT, build its own engine). The one built keeps its share of the CPU threads, which only
@@ -508,19 +511,20 @@ impl Engine {
     }
 }
 
-/// One session of `bundle` (its ONNX file's checked `bytes`) on the first provider of `chain` that registers.
+/// One session of `bundle` (its ONNX file's checked `bytes`) with `cfg.intra_threads` threads, on the first
+/// provider of `chain` that registers; `quiet` logs the providers' outcome at debug level only.
 fn build_session(
     env: &ort::environment::Environment,
     bundle: &Bundle,
     cfg: &EngineConfig,
     chain: &[Provider],
     strict: bool,
-    threads: usize,
     bytes: &[u8],
+    quiet: bool,
 ) -> Result<(Session, ProviderReport), EngineError> {
     let mut builder = session_builder(env).map_err(ort_err)?;
-    if threads > 0 {
-        builder = builder.with_intra_threads(threads).map_err(ort_err)?;
+    if cfg.intra_threads > 0 {
+        builder = builder.with_intra_threads(cfg.intra_threads).map_err(ort_err)?;
     }
     builder = builder.with_intra_op_spinning(cfg.intra_spinning).map_err(ort_err)?;
     let mut fallbacks = Vec::new();
@@ -529,7 +533,9 @@ fn build_session(
         let dispatch = dispatch(p, cfg, bundle.onnx_sha256());
         match dispatch.register(&mut builder) {
             Ok(()) => {
-                tracing::info!(provider = %p, model = %bundle.label(), "execution provider registered");
+                if !quiet {
+                    tracing::info!(provider = %p, model = %bundle.label(), "execution provider registered");
+                }
                 if p == Provider::TensorRt {
                     // ORT's advice: CUDA behind TensorRT runs what TensorRT cannot, instead of the CPU.
                     match self::dispatch(Provider::Cuda, cfg, bundle.onnx_sha256()).register(&mut builder) {
@@ -544,7 +550,11 @@ fn build_session(
             }
             Err(e) => {
                 let reason = e.to_string();
-                tracing::warn!(provider = %p, %reason, "execution provider unavailable, falling back to the next");
+                if quiet {
+                    tracing::debug!(provider = %p, %reason, "execution provider unavailable, falling back to the next");
+                } else {
+                    tracing::warn!(provider = %p, %reason, "execution provider unavailable, falling back to the next");
+                }
                 fallbacks.push(ProviderFallback { provider: p, reason });
             }
         }
