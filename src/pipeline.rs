@@ -124,7 +124,8 @@ impl std::fmt::Display for NotStored {
     }
 }
 
-/// Counters, for metrics and tests. All monotonic; the `max_` ones only grow.
+/// Counters, for metrics and tests. All monotonic but `batches_running` (batches in the engine now); the `max_`
+/// ones only grow.
 #[derive(Debug, Default)]
 pub struct PipelineStats {
     received: AtomicU64,
