@@ -71,10 +71,10 @@ pub struct EngineConfig {
     /// with several `sessions`, divides the logical CPUs among them.
     pub intra_threads: usize,
     /// Sessions of the model that run batches side by side on the CPU provider, each on its own thread with its own
-    /// ORT thread pool (a GPU provider always gets one: it would hold a copy of the model per session). Default 1. On a small CPU, 2 sessions of 1 thread took 1.1–1.6 times the images/s of 1 session of 2
-    /// threads, INT8 most (ONNX Runtime's threads share out this small model's layers poorly; `docs/benchmarks.md`,
-    /// "Two sessions side by side"). A batch alone then runs on fewer threads, so an idle box answers a little
-    /// later. Each session holds its own copy of the model's weights and buffers; on a GPU, keep 1.
+    /// ORT thread pool and its own copy of the model's weights and buffers (a GPU provider always gets one).
+    /// Default 1. On a small CPU, 2 sessions of 1 thread took 1.1–1.6 times the images/s of 1 session of 2 threads,
+    /// INT8 most (ONNX Runtime's threads share out this small model's layers poorly; `docs/benchmarks.md`, "Two
+    /// sessions side by side"). A batch alone then runs on fewer threads, so an idle box answers a little later.
     pub sessions: usize,
     /// Let those threads spin-wait for work between operators instead of sleeping (ORT's
     /// `session.intra_op.allow_spinning`, on by default as in ORT). Measured end to end on 2 cores
@@ -377,7 +377,7 @@ impl Engine {
         let onnx = bundle.onnx_path();
         let bytes =
             bundle.read_onnx().map_err(|e| EngineError::Session { path: onnx.clone(), reason: e.to_string() })?;
-        let n = cfg.sessions.max(1);
+        let mut n = cfg.sessions.max(1);
         let threads = match (cfg.intra_threads, n) {
             (0, 1) => 0,
             // ORT's own default (every core) in each session would put n threads on every core.
@@ -386,8 +386,7 @@ impl Engine {
         };
         let per_session = EngineConfig { intra_threads: threads, ..cfg.clone() };
         let mut sessions = Vec::with_capacity(n);
-        let mut report = None;
-        let mut n = n;
+        let mut report: Option<ProviderReport> = None;
         while sessions.len() < n {
             // The chain's outcome is logged for the first session; the others repeat it.
             let quiet = !sessions.is_empty();
@@ -399,13 +398,15 @@ impl Engine {
                 tracing::info!(provider = %r.active, sessions = n, "engine.sessions applies to the CPU provider; one session");
                 n = 1;
             }
-            if report.as_ref().is_some_and(|first: &ProviderReport| first.active != r.active) {
+            if let Some(first) = &report
+                && first.active != r.active
+            {
                 // Each session registers the same chain; a provider that fails for the second is out of memory or
                 // gone, and serving on two different providers would give two sets of results.
                 return Err(EngineError::Ort(format!(
                     "the sessions of {} resolved to different execution providers ({} and {})",
                     bundle.label(),
-                    report.as_ref().map_or(Provider::Cpu, |f| f.active),
+                    first.active,
                     r.active
                 )));
             }
