@@ -151,14 +151,19 @@ async fn async_inference_matches_blocking() {
     assert_eq!(a.logits, b.logits);
 }
 
+/// The first four catalogue photos as one batch for `bundle`.
+fn four_photos(bundle: &Bundle) -> ndarray::Array4<f32> {
+    let pre = Preprocessor::new(bundle.manifest().input.clone(), Limits::default()).unwrap();
+    let photos: Vec<_> = fashion_rows().into_iter().take(4).map(|r| pre.prepare_path(&r.1).unwrap()).collect();
+    pre.batch(&photos)
+}
+
 /// Threads that sleep between operators (`intra_spinning = false`, for decode-bound boxes) compute the same logits,
 /// with two intra-op threads so the setting has a pool to act on.
 #[test]
 fn intra_op_spinning_off_gives_the_same_results() {
     let (bundle, engine) = engine();
-    let pre = Preprocessor::new(bundle.manifest().input.clone(), Limits::default()).unwrap();
-    let photos: Vec<_> = fashion_rows().into_iter().take(4).map(|r| pre.prepare_path(&r.1).unwrap()).collect();
-    let batch = pre.batch(&photos);
+    let batch = four_photos(bundle);
     let sleepy =
         Engine::load(bundle, &EngineConfig { intra_threads: 2, intra_spinning: false, ..EngineConfig::cpu() }).unwrap();
     assert!(EngineConfig::default().intra_spinning, "ORT's default stays the default");
@@ -173,9 +178,7 @@ fn intra_op_spinning_off_gives_the_same_results() {
 #[test]
 fn two_sessions_run_batches_at_the_same_time_with_the_same_results() {
     let (bundle, _) = engine();
-    let pre = Preprocessor::new(bundle.manifest().input.clone(), Limits::default()).unwrap();
-    let photos: Vec<_> = fashion_rows().into_iter().take(4).map(|r| pre.prepare_path(&r.1).unwrap()).collect();
-    let batch = pre.batch(&photos);
+    let batch = four_photos(bundle);
     let one = Engine::load(bundle, &EngineConfig { intra_threads: 1, ..EngineConfig::cpu() }).unwrap();
     let two = Engine::load(bundle, &EngineConfig { intra_threads: 1, sessions: 2, ..EngineConfig::cpu() }).unwrap();
     assert_eq!((one.parallelism(), two.parallelism()), (1, 2));

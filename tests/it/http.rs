@@ -520,6 +520,18 @@ async fn serves_over_tcp_and_shuts_down_gracefully() {
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
 }
 
+/// Binds `cfg.listen` and serves a loaded, ready app on it until the returned task is aborted: the bound address,
+/// the app (kept alive with the server) and the server task.
+async fn serve_until_aborted(
+    cfg: HttpConfig,
+) -> (std::net::SocketAddr, App, tokio::task::JoinHandle<Result<(), attrd::http::HttpError>>) {
+    let listener = bind(&cfg).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = app_with(cfg, true, true, None);
+    let server = tokio::spawn(serve_on(listener, app.router.clone(), std::future::pending()));
+    (addr, app, server)
+}
+
 /// Clients that connect and never finish a request (slowloris) hold at most `max_connections`: the next client
 /// waits to be accepted instead of the daemon running out of file descriptors (which the outbox, MQTT, the hot
 /// folders and the watchdog's notifications need), and is served once one of them goes.
@@ -527,10 +539,7 @@ async fn serves_over_tcp_and_shuts_down_gracefully() {
 async fn connections_beyond_max_connections_wait_instead_of_using_up_the_process() {
     use tokio::io::AsyncWriteExt;
     let cfg = HttpConfig { listen: "127.0.0.1:0".parse().unwrap(), max_connections: 3, ..HttpConfig::default() };
-    let listener = bind(&cfg).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = app_with(cfg, true, true, None);
-    let server = tokio::spawn(serve_on(listener, app.router.clone(), std::future::pending()));
+    let (addr, _app, server) = serve_until_aborted(cfg).await;
     let mut stalled = Vec::new();
     for _ in 0..3 {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -559,10 +568,7 @@ async fn an_idle_connection_is_closed_and_frees_its_place() {
         idle_timeout: Duration::from_millis(400),
         ..HttpConfig::default()
     };
-    let listener = bind(&cfg).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = app_with(cfg, true, true, None);
-    let server = tokio::spawn(serve_on(listener, app.router.clone(), std::future::pending()));
+    let (addr, _app, server) = serve_until_aborted(cfg).await;
     let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
     let probe = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     let waiting = tokio::spawn(raw_http(addr, probe, b""));
@@ -582,10 +588,7 @@ async fn a_stalled_upload_gets_408_and_frees_its_slot() {
         upload_timeout: Duration::from_millis(500),
         ..HttpConfig::default()
     };
-    let listener = bind(&cfg).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = app_with(cfg, true, true, None);
-    let server = tokio::spawn(serve_on(listener, app.router.clone(), std::future::pending()));
+    let (addr, _app, server) = serve_until_aborted(cfg).await;
     // Announces 100 kB and sends 7 bytes, then waits: it holds the only slot until the timeout.
     let head = "POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n";
     let (status, _, body) = raw_http(addr, head, b"partial").await;
@@ -612,10 +615,7 @@ async fn a_client_dribbling_its_headers_is_disconnected_after_header_timeout() {
         header_timeout: Duration::from_millis(800),
         ..HttpConfig::default()
     };
-    let listener = bind(&cfg).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = app_with(cfg, true, true, None);
-    let server = tokio::spawn(serve_on(listener, app.router.clone(), std::future::pending()));
+    let (addr, _app, server) = serve_until_aborted(cfg).await;
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
     let probe = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     let waiting = tokio::spawn(raw_http(addr, probe, b""));
