@@ -78,6 +78,22 @@ fn minimise_in_beta(derivs: impl Fn(f64) -> (f64, f64)) -> (f64, u32, bool) {
     (beta, evaluations, false)
 }
 
+/// The fit of `objective(β) = (NLL, g, g')` over `items` labelled items or known cells, by [`minimise_in_beta`].
+fn fit_objective(objective: impl Fn(f64) -> (f64, f64, f64), items: usize) -> TemperatureFit {
+    let (beta, evaluations, at_bound) = minimise_in_beta(|beta| {
+        let (_, g, h) = objective(beta);
+        (g, h)
+    });
+    TemperatureFit {
+        temperature: 1.0 / beta,
+        nll_before: objective(1.0).0,
+        nll_after: objective(beta).0,
+        items: items as u64,
+        evaluations,
+        at_bound,
+    }
+}
+
 /// Per-item NLL of `softmax(β z)` for label `y`, its first and second derivative in `β`.
 fn softmax_nll_terms(z: ndarray::ArrayView1<'_, f32>, y: usize, beta: f64) -> (f64, f64, f64) {
     let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(beta * f64::from(v)));
@@ -170,19 +186,7 @@ pub fn fit_temperature(logits: ArrayView2<'_, f32>, labels: &[Option<usize>]) ->
     if n == 0 {
         return Err(EvalError::NoLabelledItems { total: labels.len() });
     }
-    let objective = |beta| softmax_objective(logits, labels, n, beta);
-    let (beta, evaluations, at_bound) = minimise_in_beta(|beta| {
-        let (_, g, h) = objective(beta);
-        (g, h)
-    });
-    Ok(TemperatureFit {
-        temperature: 1.0 / beta,
-        nll_before: objective(1.0).0,
-        nll_after: objective(beta).0,
-        items: n as u64,
-        evaluations,
-        at_bound,
-    })
+    Ok(fit_objective(|beta| softmax_objective(logits, labels, n, beta), n))
 }
 
 /// Fits the temperature of a multi-label head: one `T` for all its classes, minimising the mean binary NLL of
@@ -197,19 +201,7 @@ pub fn fit_temperature_multi_label(
     if n == 0 {
         return Err(EvalError::NoLabelledItems { total: items * classes });
     }
-    let objective = |beta| sigmoid_objective(logits, targets, n, beta);
-    let (beta, evaluations, at_bound) = minimise_in_beta(|beta| {
-        let (_, g, h) = objective(beta);
-        (g, h)
-    });
-    Ok(TemperatureFit {
-        temperature: 1.0 / beta,
-        nll_before: objective(1.0).0,
-        nll_after: objective(beta).0,
-        items: n as u64,
-        evaluations,
-        at_bound,
-    })
+    Ok(fit_objective(|beta| sigmoid_objective(logits, targets, n, beta), n))
 }
 
 /// Row-wise `softmax(logits / temperature)`, computed as the daemon does (max-shifted, in `f32` at the end).
