@@ -384,9 +384,7 @@ async fn batcher(
     let mut parallelism = 1;
     loop {
         while running.len() >= parallelism {
-            if let Some(Err(e)) = running.join_next().await {
-                tracing::error!(error = %e, "a batch's inference task failed");
-            }
+            collect(running.join_next().await);
         }
         let first = match carry.take() {
             Some(p) => p,
@@ -423,10 +421,15 @@ async fn batcher(
         });
     }
     // Every batch's views reach the emitter before it is told that no more come.
-    while let Some(r) = running.join_next().await {
-        if let Err(e) = r {
-            tracing::error!(error = %e, "a batch's inference task failed");
-        }
+    while !running.is_empty() {
+        collect(running.join_next().await);
+    }
+}
+
+/// Logs a batch task that panicked or was cancelled, from what `JoinSet::join_next` answered.
+fn collect(joined: Option<Result<(), tokio::task::JoinError>>) {
+    if let Some(Err(e)) = joined {
+        tracing::error!(error = %e, "a batch's inference task failed");
     }
 }
 

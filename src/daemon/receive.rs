@@ -94,8 +94,7 @@ pub(crate) async fn run(
             ModelTopic::Announcement { name } => {
                 if msg.payload.is_empty() {
                     tracing::info!(model = %name, "model announcement cleared");
-                    if let Some(p) = pending.remove(&name) {
-                        let _ = mqtt.unsubscribe(p.filter);
+                    if stop_receiving(&mut pending, &name, &mqtt).is_some() {
                         resume(&mut deferred, &mqtt, &filters);
                     }
                     continue;
@@ -132,8 +131,7 @@ pub(crate) async fn run(
                 let s = store.clone();
                 if tokio::task::spawn_blocking(move || s.contains(&id)).await.unwrap_or(false) {
                     tracing::debug!(model = %name, version = %ann.version, "announced bundle already installed");
-                    if let Some(p) = pending.remove(&name) {
-                        let _ = mqtt.unsubscribe(p.filter);
+                    if stop_receiving(&mut pending, &name, &mqtt).is_some() {
                         resume(&mut deferred, &mqtt, &filters);
                     }
                     continue;
@@ -142,8 +140,7 @@ pub(crate) async fn run(
                     continue;
                 }
                 let Ok(filter) = topics.model_chunks_filter(&ann.name, &ann.transfer) else { continue };
-                if let Some(old) = pending.remove(&name) {
-                    let _ = mqtt.unsubscribe(old.filter);
+                if stop_receiving(&mut pending, &name, &mqtt).is_some() {
                     resume(&mut deferred, &mqtt, &filters);
                 }
                 // Every transfer is assembled in memory, and a finished one stays there until installed: together
@@ -186,8 +183,7 @@ pub(crate) async fn run(
                         }
                     }
                     Ok(true) => {
-                        let Some(p) = pending.remove(&name) else { continue };
-                        let _ = mqtt.unsubscribe(p.filter);
+                        let Some(p) = stop_receiving(&mut pending, &name, &mqtt) else { continue };
                         let ann = p.assembly.announcement().clone();
                         match p.assembly.finish() {
                             Ok(archive) => {
@@ -219,8 +215,9 @@ pub(crate) async fn run(
                     Err(e) => {
                         // A bad chunk on a retained topic stays bad: give the upload up rather than wait.
                         let ann = p.assembly.announcement().clone();
-                        let Some(p) = pending.remove(&name) else { continue };
-                        let _ = mqtt.unsubscribe(p.filter);
+                        if stop_receiving(&mut pending, &name, &mqtt).is_none() {
+                            continue;
+                        }
                         rejected.insert(ann.sha256.clone());
                         tracing::error!(model = %name, error = %error_chain(&e), "received bundle chunk corrupt");
                         report(&slot, &name, Some(&ann), "rejected", Some(&e));
@@ -250,6 +247,14 @@ impl Drop for Done {
     fn drop(&mut self) {
         let _ = self.tx.send((std::mem::take(&mut self.sha), self.refused));
     }
+}
+
+/// Ends the transfer of `name` being received, if any: its chunks are no longer asked for, and the memory it counted
+/// against `receive_max_bytes` is free once the caller is done with what it returns.
+fn stop_receiving(pending: &mut HashMap<String, Pending>, name: &str, mqtt: &PublisherHandle) -> Option<Pending> {
+    let p = pending.remove(name)?;
+    let _ = mqtt.unsubscribe(p.filter.clone());
+    Some(p)
 }
 
 /// After memory held by transfers was freed: asks the broker again for the retained announcements, when one of them
@@ -292,8 +297,7 @@ fn expire(
                 "model bundle chunks missing; asking the broker again");
             // Subscribing again replaces the subscription and makes the broker resend the retained chunks.
             let _ = mqtt.subscribe(p.filter.clone());
-        } else if let Some(p) = pending.remove(&name) {
-            let _ = mqtt.unsubscribe(p.filter.clone());
+        } else if let Some(p) = stop_receiving(pending, &name, mqtt) {
             let ann = p.assembly.announcement().clone();
             let why = format!("only {got} of {total} chunks arrived after {} tries", MAX_RETRIES + 1);
             tracing::error!(model = %name, error = %why, "model bundle transfer given up");

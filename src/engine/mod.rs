@@ -385,36 +385,31 @@ impl Engine {
             (t, _) => t,
         };
         let per_session = EngineConfig { intra_threads: threads, ..cfg.clone() };
+        let (first, report) = build_session(&rt.env, bundle, &per_session, &chain, strict, &bytes, false)?;
+        if n > 1 && report.active != Provider::Cpu {
+            // A GPU runs one batch at a time anyway, and each session would hold its own copy of the model (and,
+            // for TensorRT, build its own engine). The one built keeps its share of the CPU threads, which only
+            // the nodes the GPU provider leaves to the CPU use.
+            tracing::info!(provider = %report.active, sessions = n, "engine.sessions applies to the CPU provider; one session");
+            n = 1;
+        }
         let mut sessions = Vec::with_capacity(n);
-        let mut report: Option<ProviderReport> = None;
+        sessions.push(first);
         while sessions.len() < n {
-            // The chain's outcome is logged for the first session; the others repeat it.
-            let quiet = !sessions.is_empty();
-            let (session, r) = build_session(&rt.env, bundle, &per_session, &chain, strict, &bytes, quiet)?;
-            if n > 1 && r.active != Provider::Cpu {
-                // A GPU runs one batch at a time anyway, and each session would hold its own copy of the model (and,
-                // for TensorRT, build its own engine). The one built keeps its share of the CPU threads, which only
-                // the nodes the GPU provider leaves to the CPU use.
-                tracing::info!(provider = %r.active, sessions = n, "engine.sessions applies to the CPU provider; one session");
-                n = 1;
-            }
-            if let Some(first) = &report
-                && first.active != r.active
-            {
+            // The chain's outcome was logged for the first session; the others repeat it.
+            let (session, r) = build_session(&rt.env, bundle, &per_session, &chain, strict, &bytes, true)?;
+            if r.active != report.active {
                 // Each session registers the same chain; a provider that fails for the second is out of memory or
                 // gone, and serving on two different providers would give two sets of results.
                 return Err(EngineError::Ort(format!(
                     "the sessions of {} resolved to different execution providers ({} and {})",
                     bundle.label(),
-                    first.active,
+                    report.active,
                     r.active
                 )));
             }
-            report.get_or_insert(r);
             sessions.push(session);
         }
-        // Invariant: n ≥ 1, so the loop above ran and set it.
-        let Some(report) = report else { unreachable!("at least one session is built") };
         let input_shape = check_io(&sessions[0], &manifest)?;
         if report.active == Provider::Cpu && !cfg.allow_saturating_int8 && cpu_saturates_int8() {
             let range = sessions[0].metadata().ok().and_then(|m| m.custom(INT8_WEIGHT_RANGE_KEY));
